@@ -1,0 +1,42 @@
+# samtrain: two commands set everything up on a fresh machine.
+#   make train   create .venv if needed, install, run the main job (short fine-tune on CPU)
+#   make test    create .venv if needed, install with test extras, run the whole test suite
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+
+.PHONY: install install-dev train test lint bench sample-data clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# Stamps make the install idempotent: pip runs again only when pyproject.toml changes.
+$(VENV)/.installed: pyproject.toml | $(PY)
+	$(PIP) install -q -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml | $(PY)
+	$(PIP) install -q -e ".[dev]"
+	touch $@ $(VENV)/.installed
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+train: $(VENV)/.installed
+	$(PY) train.py $(ARGS)
+
+test: $(VENV)/.installed-dev
+	$(PY) -m pytest -q $(ARGS)
+
+lint: $(VENV)/.installed-dev
+	$(VENV)/bin/ruff check .
+
+bench: $(VENV)/.installed-dev
+	$(PY) -m bench.run $(ARGS)
+
+sample-data: $(VENV)/.installed
+	$(PY) scripts/make_sample_data.py
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache .ruff_cache

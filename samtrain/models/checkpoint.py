@@ -1,0 +1,145 @@
+"""Checkpoint I/O in the official SAM key layout (``.pth``) or safetensors.
+
+samtrain's image encoder is timm's samvit, whose MLP layers are named ``fc1/fc2`` where the
+official encoder says ``lin1/lin2``; everything else keeps the official names.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from timm.layers import resample_abs_pos_embed_nhwc
+from torch import nn
+
+_PREFIXES = ("module.", "model.", "_orig_mod.")
+_ENCODER_MLP = re.compile(r"^(image_encoder\.blocks\.\d+\.mlp\.)(lin|fc)([12]\.)")
+
+
+@dataclass
+class LoadReport:
+    """What a checkpoint load did."""
+
+    path: str
+    loaded: int = 0
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    resampled: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"{self.path}: loaded {self.loaded} tensors"]
+        for name, keys in (("resampled", self.resampled), ("missing", self.missing), ("unexpected", self.unexpected)):
+            if keys:
+                lines.append(f"  {name} ({len(keys)}): {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}")
+        return "\n".join(lines)
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a checkpoint file, unwrapped from Lightning/trainer containers, prefixes stripped."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # corrupt, truncated, or a pickle that weights_only refuses
+        raise ValueError(f"checkpoint {path} could not be read: {err}") from err
+    for container in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(container), dict):
+            state = state[container]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"checkpoint {path} does not hold a state dict of tensors")
+    return {_strip_prefixes(k): v for k, v in state.items()}
+
+
+def _strip_prefixes(key: str) -> str:
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in _PREFIXES:
+            if key.startswith(prefix):
+                key, stripped = key[len(prefix) :], True
+    return key
+
+
+def official_to_samtrain(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Official SAM key names -> samtrain's (timm encoder MLP naming)."""
+    return {_ENCODER_MLP.sub(r"\1fc\3", k): v for k, v in state.items()}
+
+
+def samtrain_to_official(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """samtrain key names -> the official SAM layout."""
+    return {_ENCODER_MLP.sub(r"\1lin\3", k): v for k, v in state.items()}
+
+
+def resample_position_tensors(
+    state: dict[str, torch.Tensor], model_state: dict[str, torch.Tensor]
+) -> list[str]:
+    """Resample, in place, the encoder's absolute position embedding (1, h, w, C) and relative
+    position tables (2k - 1, C) of a checkpoint to the model's grid. Returns the keys changed."""
+    changed = []
+    for key, value in state.items():
+        target = model_state.get(key)
+        if target is None or target.shape == value.shape:
+            continue
+        if key == "image_encoder.pos_embed" and value.ndim == 4:
+            state[key] = resample_abs_pos_embed_nhwc(value.float(), target.shape[1:3]).to(value.dtype)
+        elif key.endswith((".attn.rel_pos_h", ".attn.rel_pos_w")) and value.ndim == 2:
+            table = F.interpolate(value.float().T.unsqueeze(0), size=target.shape[0], mode="linear")
+            state[key] = table.squeeze(0).T.to(value.dtype)
+        else:
+            continue
+        changed.append(key)
+    return changed
+
+
+def load_sam_checkpoint(model: nn.Module, path: str | Path, *, strict: bool = True) -> LoadReport:
+    """Load an official, exported, safetensors or Lightning checkpoint into a samtrain Sam.
+
+    Raises ValueError when nothing matches, when shapes disagree after resampling, and (strict)
+    when keys are missing or unexpected; the error lists the keys.
+    """
+    state = official_to_samtrain(read_state_dict(path))
+    model_state = model.state_dict()
+    report = LoadReport(path=str(path))
+    report.resampled = resample_position_tensors(state, model_state)
+    report.missing = sorted(set(model_state) - set(state))
+    report.unexpected = sorted(set(state) - set(model_state))
+    matched = [k for k in state if k in model_state]
+    if not matched:
+        raise ValueError(
+            f"checkpoint {path} matches none of the model's {len(model_state)} keys "
+            f"(first keys in the file: {list(state)[:5]}); is it a SAM checkpoint?"
+        )
+    mismatched = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(model_state[k].shape)}"
+        for k in matched
+        if state[k].shape != model_state[k].shape
+    ]
+    if mismatched:
+        raise ValueError(f"checkpoint {path} has tensors of the wrong shape (another variant?): " + "; ".join(mismatched[:8]))
+    if strict and (report.missing or report.unexpected):
+        raise ValueError(f"checkpoint {path} does not match the model strictly:\n{report}")
+    model.load_state_dict({k: state[k] for k in matched}, strict=False)
+    report.loaded = len(matched)
+    return report
+
+
+def export_sam_checkpoint(model: nn.Module, path: str | Path) -> Path:
+    """Write the model's weights in the official SAM layout; safetensors when the suffix says so."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = samtrain_to_official({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
+    tmp = path.with_name(path.name + ".tmp")
+    if path.suffix == ".safetensors":
+        save_file(state, str(tmp))
+    else:
+        torch.save(state, tmp)
+    tmp.replace(path)
+    return path

@@ -1,0 +1,107 @@
+"""Sam: image encoder + prompt encoder + mask decoder, with SAM's pre- and postprocessing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from samtrain.models.mask_decoder import MaskDecoder
+from samtrain.models.prompt_encoder import PromptEncoder
+
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+class Sam(nn.Module):
+    mask_threshold: float = 0.0
+    image_format: str = "RGB"
+
+    def __init__(
+        self,
+        *,
+        image_encoder: nn.Module,
+        prompt_encoder: PromptEncoder,
+        mask_decoder: MaskDecoder,
+        image_size: int,
+        variant: str | None = None,
+        pixel_mean: tuple[float, float, float] = PIXEL_MEAN,
+        pixel_std: tuple[float, float, float] = PIXEL_STD,
+    ) -> None:
+        super().__init__()
+        self.image_encoder = image_encoder
+        self.prompt_encoder = prompt_encoder
+        self.mask_decoder = mask_decoder
+        self.image_size = image_size
+        self.variant = variant
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        """Resized 0-255 RGB (B, 3, h, w) -> normalised and zero-padded (B, 3, S, S)."""
+        x = (x - self.pixel_mean) / self.pixel_std
+        h, w = x.shape[-2:]
+        return F.pad(x, (0, self.image_size - w, 0, self.image_size - h))
+
+    def postprocess_masks(
+        self, masks: torch.Tensor, input_size: tuple[int, int], original_size: tuple[int, int]
+    ) -> torch.Tensor:
+        """Low-res logits (B, M, S/4, S/4) -> logits at the original image size (B, M, H, W)."""
+        masks = F.interpolate(masks, (self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        masks = masks[..., : input_size[0], : input_size[1]]
+        return F.interpolate(masks, tuple(original_size), mode="bilinear", align_corners=False)
+
+    def decode_masks(
+        self,
+        image_embeddings: torch.Tensor,
+        *,
+        points: tuple[torch.Tensor, torch.Tensor] | None = None,
+        boxes: torch.Tensor | None = None,
+        mask_inputs: torch.Tensor | None = None,
+        image_indices: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt encoder + mask decoder for N prompts over B image embeddings, all outputs.
+
+        Args:
+            image_embeddings: (B, C, h, w).
+            points: coords (N, T, 2) in the model input frame and labels (N, T).
+            boxes: (N, 4) xyxy in the model input frame.
+            mask_inputs: (N, 1, 4h, 4w) logits fed back as the dense prompt.
+            image_indices: (N,) the image each prompt belongs to (None: one image, B = 1).
+
+        Returns:
+            low-res logits (N, 4, 4h, 4w) and IoU predictions (N, 4); output 0 is the
+            single-mask output, 1: the multimask outputs.
+        """
+        sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=mask_inputs)
+        return self.mask_decoder.predict_masks(
+            image_embeddings, self.prompt_encoder.get_dense_pe(), sparse, dense, image_indices
+        )
+
+    @torch.no_grad()
+    def forward(self, batched_input: list[dict[str, Any]], multimask_output: bool) -> list[dict[str, torch.Tensor]]:
+        """The official batched inference call: one dict per image with "image" (3, h, w)
+        already resized, "original_size" (H, W), and optional "point_coords" (N, T, 2),
+        "point_labels" (N, T), "boxes" (N, 4), "mask_inputs" (N, 1, 4h, 4w)."""
+        images = torch.stack([self.preprocess(x["image"]) for x in batched_input])
+        embeddings = self.image_encoder(images)
+        outputs = []
+        for record, embedding in zip(batched_input, embeddings, strict=True):
+            points = (record["point_coords"], record["point_labels"]) if "point_coords" in record else None
+            sparse, dense = self.prompt_encoder(
+                points=points, boxes=record.get("boxes"), masks=record.get("mask_inputs")
+            )
+            low_res, iou_pred = self.mask_decoder(
+                embedding.unsqueeze(0), self.prompt_encoder.get_dense_pe(), sparse, dense, multimask_output
+            )
+            masks = self.postprocess_masks(low_res, record["image"].shape[-2:], record["original_size"])
+            outputs.append(
+                {"masks": masks > self.mask_threshold, "iou_predictions": iou_pred, "low_res_logits": low_res}
+            )
+        return outputs
