@@ -51,8 +51,14 @@ class SamPredictor:
     def set_torch_image(self, transformed_image: torch.Tensor, original_image_size: tuple[int, int]) -> None:
         """transformed_image: (1, 3, h, w) 0-255 with the longest side resized to the model's size."""
         size = self.model.image_size
-        if transformed_image.ndim != 4 or transformed_image.shape[1] != 3 or max(transformed_image.shape[2:]) != size:
-            raise ValueError(f"expected a (1, 3, h, w) image with longest side {size}, got {tuple(transformed_image.shape)}")
+        if (
+            transformed_image.ndim != 4
+            or transformed_image.shape[1] != 3
+            or max(transformed_image.shape[2:]) != size
+        ):
+            raise ValueError(
+                f"expected a (1, 3, h, w) image with longest side {size}, got {tuple(transformed_image.shape)}"
+            )
         self.reset_image()
         self.original_size = (int(original_image_size[0]), int(original_image_size[1]))
         self.input_size = (int(transformed_image.shape[-2]), int(transformed_image.shape[-1]))
@@ -77,7 +83,9 @@ class SamPredictor:
 
         Returns masks (C, H, W), scores (C,), low_res_logits (C, S/4, S/4); C = 3 or 1.
         """
-        batched = [None if x is None else np.asarray(x)[None] for x in (point_coords, point_labels, box, mask_input)]
+        batched = [
+            None if x is None else np.asarray(x)[None] for x in (point_coords, point_labels, box, mask_input)
+        ]
         masks, scores, low_res = self.predict_batch(*batched, multimask_output, return_logits)
         return masks[0], scores[0], low_res[0]
 
@@ -103,7 +111,9 @@ class SamPredictor:
         if len(counts) > 1:
             raise ValueError(f"points, boxes and mask inputs give different batch sizes: {sorted(counts)}")
         points = (coords, labels) if coords is not None else None
-        masks, scores, low_res = self.predict_torch(points, box_tensor, mask_tensor, multimask_output, return_logits)
+        masks, scores, low_res = self.predict_torch(
+            points, box_tensor, mask_tensor, multimask_output, return_logits
+        )
         return masks.cpu().numpy(), scores.float().cpu().numpy(), low_res.float().cpu().numpy()
 
     @torch.no_grad()
@@ -144,11 +154,17 @@ class SamPredictor:
             raise ValueError("point_coords and point_labels must be given together")
         coords, labels = np.asarray(coords, dtype=np.float64), np.asarray(labels)
         if coords.ndim != 3 or coords.shape[-1] != 2:
-            raise ValueError(f"point_coords must have shape (T, 2) (or (B, T, 2) batched), got {coords.shape[1:]}")
+            raise ValueError(
+                f"point_coords must have shape (T, 2) (or (B, T, 2) batched), got {coords.shape[1:]}"
+            )
         if labels.shape != coords.shape[:-1]:
-            raise ValueError(f"point_labels has shape {labels.shape[1:]}, expected {coords.shape[1:-1]} (one per point)")
+            raise ValueError(
+                f"point_labels has shape {labels.shape[1:]}, expected {coords.shape[1:-1]} (one per point)"
+            )
         if not np.isin(labels, (0, 1)).all():
-            raise ValueError(f"point_labels must be 1 (foreground) or 0 (background), got {np.unique(labels).tolist()}")
+            raise ValueError(
+                f"point_labels must be 1 (foreground) or 0 (background), got {np.unique(labels).tolist()}"
+            )
         self._check_inside(coords, "point_coords")
         coords = scale_coords(coords, self.original_size, self.model.image_size)
         return (
@@ -161,9 +177,13 @@ class SamPredictor:
             return None
         boxes = np.asarray(boxes, dtype=np.float64)
         if boxes.ndim != 2 or boxes.shape[-1] != 4:
-            raise ValueError(f"box must have shape (4,) as x1, y1, x2, y2 (or (B, 4) batched), got {boxes.shape[1:]}")
+            raise ValueError(
+                f"box must have shape (4,) as x1, y1, x2, y2 (or (B, 4) batched), got {boxes.shape[1:]}"
+            )
         if ((boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])).any():
-            raise ValueError(f"boxes must be x1, y1, x2, y2 with x2 >= x1 and y2 >= y1, got {boxes.tolist()[:4]}")
+            raise ValueError(
+                f"boxes must be x1, y1, x2, y2 with x2 >= x1 and y2 >= y1, got {boxes.tolist()[:4]}"
+            )
         self._check_inside(boxes.reshape(-1, 2, 2), "box corners")
         boxes = scale_boxes(boxes, self.original_size, self.model.image_size)
         return torch.as_tensor(boxes, dtype=torch.float32, device=self.device)
@@ -174,5 +194,7 @@ class SamPredictor:
         mask_input = np.asarray(mask_input, dtype=np.float32)
         expected = (1, *self.model.prompt_encoder.mask_input_size)
         if mask_input.ndim != 4 or mask_input.shape[1:] != expected:
-            raise ValueError(f"mask_input must have shape {expected} (low-res logits), got {mask_input.shape[1:]}")
+            raise ValueError(
+                f"mask_input must have shape {expected} (low-res logits), got {mask_input.shape[1:]}"
+            )
         return torch.as_tensor(mask_input, device=self.device)

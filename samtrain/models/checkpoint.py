@@ -32,9 +32,15 @@ class LoadReport:
 
     def __str__(self) -> str:
         lines = [f"{self.path}: loaded {self.loaded} tensors"]
-        for name, keys in (("resampled", self.resampled), ("missing", self.missing), ("unexpected", self.unexpected)):
+        for name, keys in (
+            ("resampled", self.resampled),
+            ("missing", self.missing),
+            ("unexpected", self.unexpected),
+        ):
             if keys:
-                lines.append(f"  {name} ({len(keys)}): {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}")
+                lines.append(
+                    f"  {name} ({len(keys)}): {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
+                )
         return "\n".join(lines)
 
 
@@ -123,7 +129,10 @@ def load_sam_checkpoint(model: nn.Module, path: str | Path, *, strict: bool = Tr
         if state[k].shape != model_state[k].shape
     ]
     if mismatched:
-        raise ValueError(f"checkpoint {path} has tensors of the wrong shape (another variant?): " + "; ".join(mismatched[:8]))
+        raise ValueError(
+            f"checkpoint {path} has tensors of the wrong shape (another variant?): "
+            + "; ".join(mismatched[:8])
+        )
     if strict and (report.missing or report.unexpected):
         raise ValueError(f"checkpoint {path} does not match the model strictly:\n{report}")
     model.load_state_dict({k: state[k] for k in matched}, strict=False)

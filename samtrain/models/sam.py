@@ -85,7 +85,9 @@ class Sam(nn.Module):
         )
 
     @torch.no_grad()
-    def forward(self, batched_input: list[dict[str, Any]], multimask_output: bool) -> list[dict[str, torch.Tensor]]:
+    def forward(
+        self, batched_input: list[dict[str, Any]], multimask_output: bool
+    ) -> list[dict[str, torch.Tensor]]:
         """The official batched inference call: one dict per image with "image" (3, h, w)
         already resized, "original_size" (H, W), and optional "point_coords" (N, T, 2),
         "point_labels" (N, T), "boxes" (N, 4), "mask_inputs" (N, 1, 4h, 4w)."""

@@ -25,7 +25,10 @@ def assert_same_weights(a, b):
 
 
 def test_key_mapping_round_trip():
-    keys = {"image_encoder.blocks.3.mlp.lin1.weight": 0, "mask_decoder.transformer.layers.0.mlp.lin1.weight": 1}
+    keys = {
+        "image_encoder.blocks.3.mlp.lin1.weight": 0,
+        "mask_decoder.transformer.layers.0.mlp.lin1.weight": 1,
+    }
     mapped = official_to_samtrain(keys)
     assert "image_encoder.blocks.3.mlp.fc1.weight" in mapped
     assert "mask_decoder.transformer.layers.0.mlp.lin1.weight" in mapped  # decoder keeps lin
@@ -72,7 +75,7 @@ def test_report_lists_missing_and_unexpected(tiny, tmp_path):
 
 
 def test_missing_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope.pth"):
+    with pytest.raises(FileNotFoundError, match=r"nope\.pth"):
         build_sam("vit_t", image_size=64, checkpoint=tmp_path / "nope.pth")
 
 

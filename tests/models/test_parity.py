@@ -61,7 +61,9 @@ PROMPTS = {
     ),
     "box": dict(box=np.array([38.0, 18.0, 112.0, 72.0])),
     "box_and_point": dict(
-        point_coords=np.array([[60.0, 40.0]]), point_labels=np.array([0]), box=np.array([38.0, 18.0, 112.0, 72.0])
+        point_coords=np.array([[60.0, 40.0]]),
+        point_labels=np.array([0]),
+        box=np.array([38.0, 18.0, 112.0, 72.0]),
     ),
 }
 

@@ -24,7 +24,9 @@ def test_variant_forward_backward(variant):
     assert embeddings.shape == (2, 256, IMAGE_SIZE // 16, IMAGE_SIZE // 16)
 
     # Point-first and box-first prompts of both images in one decoder pass, with a mask prompt.
-    coords = torch.tensor([[[10.0, 12.0], [0.0, 0.0]], [[5.0, 6.0], [40.0, 50.0]], [[30.0, 20.0], [0.0, 0.0]]])
+    coords = torch.tensor(
+        [[[10.0, 12.0], [0.0, 0.0]], [[5.0, 6.0], [40.0, 50.0]], [[30.0, 20.0], [0.0, 0.0]]]
+    )
     labels = torch.tensor([[1, -1], [2, 3], [0, -1]])
     mask_inputs = torch.randn(3, 1, IMAGE_SIZE // 4, IMAGE_SIZE // 4)
     logits, iou = model.decode_masks(
@@ -35,9 +37,13 @@ def test_variant_forward_backward(variant):
     assert torch.isfinite(logits).all() and torch.isfinite(iou).all()
 
     # The no-mask embedding takes part through a first pass without a mask prompt.
-    first_logits, first_iou = model.decode_masks(embeddings, points=(coords, labels), image_indices=torch.tensor([0, 1, 1]))
+    first_logits, first_iou = model.decode_masks(
+        embeddings, points=(coords, labels), image_indices=torch.tensor([0, 1, 1])
+    )
     (logits.mean() + iou.mean() + first_logits.mean() + first_iou.mean()).backward()
     no_grad = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None)]
     assert not no_grad, f"parameters without gradient: {no_grad}"
-    nan_grad = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+    nan_grad = [
+        n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()
+    ]
     assert not nan_grad
