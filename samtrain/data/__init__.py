@@ -1,0 +1,63 @@
+"""Datasets, SAM transforms, batching and the DataModule.
+
+Names are imported on first use, so ``import samtrain.data`` stays cheap (albumentations and
+Lightning load only when their classes are needed).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "CocoInstanceDataset": "samtrain.data.coco",
+    "decode_segmentations": "samtrain.data.coco",
+    "read_rgb_image": "samtrain.data.coco",
+    "SampleError": "samtrain.data.errors",
+    "SamTransform": "samtrain.data.transforms",
+    "SamResizeCrop": "samtrain.data.transforms",
+    "sam_resize_shape": "samtrain.data.transforms",
+    "SAM_PIXEL_MEAN": "samtrain.data.transforms",
+    "SAM_PIXEL_STD": "samtrain.data.transforms",
+    "collate_sam_batch": "samtrain.data.collate",
+    "SamDataModule": "samtrain.data.datamodule",
+}
+
+__all__ = [
+    "SAM_PIXEL_MEAN",
+    "SAM_PIXEL_STD",
+    "CocoInstanceDataset",
+    "SamDataModule",
+    "SamResizeCrop",
+    "SamTransform",
+    "SampleError",
+    "collate_sam_batch",
+    "decode_segmentations",
+    "read_rgb_image",
+    "sam_resize_shape",
+]
+
+if TYPE_CHECKING:
+    from samtrain.data.coco import CocoInstanceDataset, decode_segmentations, read_rgb_image
+    from samtrain.data.collate import collate_sam_batch
+    from samtrain.data.datamodule import SamDataModule
+    from samtrain.data.errors import SampleError
+    from samtrain.data.transforms import (
+        SAM_PIXEL_MEAN,
+        SAM_PIXEL_STD,
+        SamResizeCrop,
+        SamTransform,
+        sam_resize_shape,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,36 @@
+"""Batching of SAM samples: images stacked, instance masks of all images concatenated."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def collate_sam_batch(samples: Sequence[dict]) -> dict[str, torch.Tensor]:
+    """Batch samples of the SAM sample contract (see ``samtrain.data.transforms``).
+
+    Returns:
+        "image":            float32 (B, 3, S, S)
+        "masks":            bool (N, S, S), every image's masks in image order (N = sum of K_i)
+        "mask_image_index": int64 (N,), the batch index of each mask's image
+        "input_size":       int64 (B, 2)
+        "original_size":    int64 (B, 2)
+        "image_id":         int64 (B,)
+    """
+    if len(samples) == 0:
+        raise ValueError("collate_sam_batch got an empty list of samples")
+    sizes = {tuple(s["image"].shape) for s in samples}
+    if len(sizes) != 1:
+        raise ValueError(f"collate_sam_batch: samples have different image shapes {sorted(sizes)}")
+    counts = torch.tensor([len(s["masks"]) for s in samples], dtype=torch.int64)
+    return {
+        "image": torch.stack([s["image"] for s in samples]),
+        "masks": torch.cat([s["masks"] for s in samples]),
+        "mask_image_index": torch.repeat_interleave(torch.arange(len(samples)), counts),
+        "input_size": torch.stack([torch.as_tensor(s["input_size"], dtype=torch.int64) for s in samples]),
+        "original_size": torch.stack(
+            [torch.as_tensor(s["original_size"], dtype=torch.int64) for s in samples]
+        ),
+        "image_id": torch.tensor([int(s["image_id"]) for s in samples], dtype=torch.int64),
+    }

@@ -1,0 +1,145 @@
+"""collate_sam_batch and SamDataModule (StatefulDataLoader resume, worker seeding)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from samtrain.data import CocoInstanceDataset, SamDataModule, SamTransform, collate_sam_batch
+
+SAMPLE_DIR = Path(__file__).resolve().parents[1] / "data" / "sample"
+
+
+def fake_sample(num_masks: int, image_id: int, size: int = 16) -> dict:
+    masks = torch.zeros(num_masks, size, size, dtype=torch.bool)
+    for k in range(num_masks):
+        masks[k, k, image_id] = True  # identifies (image, mask)
+    return {
+        "image": torch.full((3, size, size), float(image_id)),
+        "masks": masks,
+        "input_size": torch.tensor([size, size - image_id]),
+        "original_size": torch.tensor([2 * size, 2 * size]),
+        "image_id": image_id,
+    }
+
+
+def test_collate_concatenates_masks_in_image_order():
+    samples = [fake_sample(2, 1), fake_sample(0, 2), fake_sample(3, 3)]
+    batch = collate_sam_batch(samples)
+    assert batch["image"].shape == (3, 3, 16, 16) and batch["image"].dtype == torch.float32
+    assert batch["masks"].shape == (5, 16, 16) and batch["masks"].dtype == torch.bool
+    assert batch["mask_image_index"].tolist() == [0, 0, 2, 2, 2]
+    assert batch["mask_image_index"].dtype == torch.int64
+    for n, i in enumerate(batch["mask_image_index"].tolist()):
+        assert torch.equal(batch["masks"][n], samples[i]["masks"][n - (0 if i == 0 else 2)])
+    assert batch["input_size"].tolist() == [[16, 15], [16, 14], [16, 13]]
+    assert batch["original_size"].shape == (3, 2) and batch["original_size"].dtype == torch.int64
+    assert batch["image_id"].tolist() == [1, 2, 3] and batch["image_id"].dtype == torch.int64
+
+
+def test_collate_batch_without_masks():
+    batch = collate_sam_batch([fake_sample(0, 1), fake_sample(0, 2)])
+    assert batch["masks"].shape == (0, 16, 16) and batch["mask_image_index"].shape == (0,)
+
+
+def test_collate_rejects_bad_batches():
+    with pytest.raises(ValueError, match="empty"):
+        collate_sam_batch([])
+    with pytest.raises(ValueError, match="different image shapes"):
+        collate_sam_batch([fake_sample(1, 1, size=16), fake_sample(1, 2, size=32)])
+
+
+def sample_dataset(split: str, *, train: bool) -> CocoInstanceDataset:
+    transform = SamTransform(image_size=64, train=train, max_masks=4, color_jitter=0.2 if train else 0.0)
+    return CocoInstanceDataset(
+        annotation_file=SAMPLE_DIR / split / "annotations.json",
+        image_dir=SAMPLE_DIR / split,
+        transform=transform,
+    )
+
+
+def make_datamodule(**kwargs) -> SamDataModule:
+    return SamDataModule(
+        train_dataset=sample_dataset("train", train=True),
+        val_dataset=sample_dataset("val", train=False),
+        batch_size=4,
+        seed=0,
+        **kwargs,
+    )
+
+
+def test_datamodule_over_sample_data_yields_batches():
+    dm = make_datamodule(val_batch_size=8)
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape == (4, 3, 64, 64)
+    assert batch["masks"].shape[1:] == (64, 64) and len(batch["mask_image_index"]) == len(batch["masks"])
+    assert batch["mask_image_index"].max() < 4
+    val_ids = [i for b in dm.val_dataloader() for i in b["image_id"].tolist()]
+    assert len(val_ids) == 16 and len(set(val_ids)) == 16
+    with pytest.raises(ValueError, match="no test_dataset"):
+        dm.test_dataloader()
+
+
+def assert_same_batch(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_stateful_loader_resumes_with_the_same_next_batch(num_workers):
+    loader = make_datamodule(num_workers=num_workers).train_dataloader()
+    batches = iter(loader)
+    for _ in range(3):
+        next(batches)
+    state = loader.state_dict()
+    expected = next(batches)
+    # A fresh process: new datasets and transforms, state restored from the checkpointed dict.
+    resumed = make_datamodule(num_workers=num_workers).train_dataloader()
+    resumed.load_state_dict(state)
+    assert_same_batch(next(iter(resumed)), expected)
+
+
+def test_resume_with_other_seed_differs():
+    """Guards the test above: without the restored state the next batch is another one."""
+    loader = make_datamodule().train_dataloader()
+    batches = iter(loader)
+    next(batches)
+    expected = next(batches)
+    fresh = make_datamodule().train_dataloader()
+    fresh_batches = iter(fresh)
+    next(fresh_batches)
+    assert_same_batch(next(fresh_batches), expected)  # same seed: same stream
+    other = SamDataModule(train_dataset=sample_dataset("train", train=True), batch_size=4, seed=1)
+    other_batches = iter(other.train_dataloader())
+    next(other_batches)
+    assert not torch.equal(next(other_batches)["image_id"], expected["image_id"])
+
+
+class RepeatedSample(Dataset):
+    """The same image at every index, so differences come only from augmentation."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.transform = SamTransform(image_size=32, train=True, color_jitter=0.3)
+        image = np.random.default_rng(0).integers(0, 256, size=(24, 32, 3), dtype=np.uint8)
+        self.sample = {"image": image, "masks": np.zeros((0, 24, 32), bool), "image_id": 0}
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> dict:
+        return self.transform(self.sample)
+
+
+def test_workers_augment_differently():
+    dataset = RepeatedSample(4)
+    dataset[0]  # the main process's RNG exists before the workers fork
+    dm = SamDataModule(train_dataset=dataset, val_dataset=dataset, batch_size=1, num_workers=2, seed=0)
+    images = [b["image"][0] for b in dm.val_dataloader()]  # worker 0: items 0, 2; worker 1: items 1, 3
+    assert not torch.equal(images[0], images[1])
+    assert not torch.equal(images[0], images[2])
