@@ -1,0 +1,210 @@
+"""Interactive evaluation protocols: the RITM/SimpleClick click protocol (as in the SAM paper) and
+the box protocol.
+
+Everything happens in the model input frame: the image resized so its longest side is S and
+zero-padded right/bottom to S x S. A mask prediction is the low-res logits upsampled bilinearly
+(``align_corners=False``) to S x S and thresholded at 0, with the padding (outside the image's
+``input_size``) set False; the ground truth is False there too. IoUs are computed on that frame.
+
+Click protocol, per object and batched over all objects:
+
+1. The first click is the RITM centre click of the object (``sample_error_points`` on an empty
+   prediction, method ``"center"``); the prediction is the multimask output with the highest
+   predicted IoU.
+2. Each next click is the RITM centre click of the current error, appended to all previous clicks;
+   the previously chosen low-res logits are fed back as the mask prompt; the prediction is the
+   single-mask output (index 0).
+
+The model is anything with ``image_size`` and ``decode_masks`` (see :class:`samtrain.models.Sam`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from samtrain.prompts import masks_to_boxes, sample_error_points
+
+__all__ = ["box_iou", "click_curve", "evaluate_batch", "input_regions", "logits_to_masks", "masks_iou"]
+
+SINGLE_MASK_OUTPUT = 0
+
+
+def input_regions(input_sizes: torch.Tensor, image_size: int) -> torch.Tensor:
+    """The unpadded part of each image.
+
+    Args:
+        input_sizes: ``(B, 2) int`` ``(h, w)`` of the resized image before padding.
+        image_size: S.
+
+    Returns:
+        ``(B, S, S) bool``, True on rows ``< h`` and columns ``< w``.
+    """
+    steps = torch.arange(image_size, device=input_sizes.device)
+    rows = steps < input_sizes[:, 0:1]  # (B, S)
+    cols = steps < input_sizes[:, 1:2]  # (B, S)
+    return rows[:, :, None] & cols[:, None, :]
+
+
+def logits_to_masks(low_res_logits: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
+    """Low-res logits -> binary masks in the S x S model input frame.
+
+    Args:
+        low_res_logits: ``(N, 1, S/4, S/4) float``.
+        regions: ``(N, S, S) bool`` the unpadded region of each mask's image.
+
+    Returns:
+        ``(N, S, S) bool``: bilinear upsampling (``align_corners=False``) > 0, False outside ``regions``.
+    """
+    logits = F.interpolate(
+        low_res_logits.float(), size=tuple(regions.shape[-2:]), mode="bilinear", align_corners=False
+    )
+    return (logits[:, 0] > 0) & regions
+
+
+def masks_iou(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """IoU of binary masks ``(N, H, W) bool`` -> ``(N,) float32``; the union is clamped to >= 1."""
+    intersection = (pred & gt).flatten(1).sum(1).float()
+    union = (pred | gt).flatten(1).sum(1).float()
+    return intersection / union.clamp(min=1)
+
+
+def _pick_output(
+    logits: torch.Tensor, iou_pred: torch.Tensor, index: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``logits (N, 4, h, w)``, ``iou_pred (N, 4)``, ``index (N,) int64`` -> ``(N, 1, h, w)``, ``(N,)``."""
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    return logits[rows, index][:, None], iou_pred[rows, index]
+
+
+def _best_multimask_output(iou_pred: torch.Tensor) -> torch.Tensor:
+    """``(N, 4)`` -> ``(N,) int64`` index in 1..3 of the multimask output with the highest predicted IoU."""
+    return iou_pred[:, 1:].argmax(dim=1) + 1
+
+
+def _prepare(
+    model: Any, gt_masks: torch.Tensor, image_indices: torch.Tensor, input_sizes: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check shapes; return the per-mask regions and the GT restricted to them, both ``(N, S, S) bool``."""
+    size = model.image_size
+    if gt_masks.ndim != 3 or tuple(gt_masks.shape[-2:]) != (size, size):
+        raise ValueError(f"gt_masks must have shape (N, {size}, {size}), got {tuple(gt_masks.shape)}")
+    if image_indices.shape != gt_masks.shape[:1]:
+        raise ValueError(
+            f"image_indices must have shape (N,) = {tuple(gt_masks.shape[:1])}, got {tuple(image_indices.shape)}"
+        )
+    device = gt_masks.device
+    regions = input_regions(input_sizes.to(device), size)[image_indices.to(device)]
+    return regions, gt_masks.bool() & regions
+
+
+def _centre_click(
+    gt: torch.Tensor, pred: torch.Tensor, regions: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RITM centre click per mask, ``(N, S, S) bool`` each -> ``(N, 1, 2) float32``, ``(N, 1) int64``.
+
+    The padding is marked as object in both masks: it is in neither error region (so the clicks are
+    those on the unpadded image) and not background, so the negative click that follows a perfect
+    prediction also lands inside the image.
+    """
+    return sample_error_points(gt | ~regions, pred | ~regions, method="center")
+
+
+@torch.no_grad()
+def click_curve(
+    model: Any,
+    image_embeddings: torch.Tensor,
+    gt_masks: torch.Tensor,
+    *,
+    image_indices: torch.Tensor,
+    input_sizes: torch.Tensor,
+    max_clicks: int = 20,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """IoU after each click of the RITM click protocol (see the module docstring).
+
+    Args:
+        model: ``Sam`` (or any object with ``image_size`` and ``decode_masks``).
+        image_embeddings: ``(B, C, h, w)`` image-encoder output.
+        gt_masks: ``(N, S, S) bool`` in the padded model input frame.
+        image_indices: ``(N,) int64`` the image of each mask.
+        input_sizes: ``(B, 2) int64`` ``(h, w)`` of each image's unpadded region.
+        max_clicks: K.
+
+    Returns:
+        ious ``(N, K) float32`` (column k-1: after k clicks) and pred_ious ``(N,) float32``, the
+        IoU head's prediction for the output chosen at the first click.
+    """
+    if max_clicks < 1:
+        raise ValueError(f"max_clicks must be >= 1, got {max_clicks}")
+    regions, gt = _prepare(model, gt_masks, image_indices, input_sizes)
+    n = gt.shape[0]
+    pred = torch.zeros_like(gt)
+    coords = gt.new_zeros((n, 0, 2), dtype=torch.float32)
+    labels = gt.new_zeros((n, 0), dtype=torch.int64)
+    mask_inputs, first_pred_iou, ious = None, None, []
+    for click in range(max_clicks):
+        point, label = _centre_click(gt, pred, regions)
+        coords, labels = torch.cat((coords, point), dim=1), torch.cat((labels, label), dim=1)
+        logits, iou_pred = model.decode_masks(
+            image_embeddings, points=(coords, labels), mask_inputs=mask_inputs, image_indices=image_indices
+        )
+        if click == 0:
+            mask_inputs, first_pred_iou = _pick_output(logits, iou_pred, _best_multimask_output(iou_pred))
+        else:
+            mask_inputs = logits[:, SINGLE_MASK_OUTPUT : SINGLE_MASK_OUTPUT + 1]
+        pred = logits_to_masks(mask_inputs, regions)
+        ious.append(masks_iou(pred, gt))
+    return torch.stack(ious, dim=1), first_pred_iou.float()
+
+
+@torch.no_grad()
+def box_iou(
+    model: Any,
+    image_embeddings: torch.Tensor,
+    gt_masks: torch.Tensor,
+    *,
+    image_indices: torch.Tensor,
+    input_sizes: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """IoU of the single-mask output prompted with each GT mask's tight box.
+
+    The box is xyxy with inclusive pixel extremes (x = column, y = row), in the model input frame.
+
+    Args: as :func:`click_curve`.
+
+    Returns:
+        ious ``(N,) float32`` and pred_ious ``(N,) float32`` (the IoU head's prediction).
+    """
+    regions, gt = _prepare(model, gt_masks, image_indices, input_sizes)
+    logits, iou_pred = model.decode_masks(
+        image_embeddings, boxes=masks_to_boxes(gt), image_indices=image_indices
+    )
+    pred = logits_to_masks(logits[:, SINGLE_MASK_OUTPUT : SINGLE_MASK_OUTPUT + 1], regions)
+    return masks_iou(pred, gt), iou_pred[:, SINGLE_MASK_OUTPUT].float()
+
+
+@torch.no_grad()
+def evaluate_batch(
+    model: Any, batch: dict[str, torch.Tensor], *, max_clicks: int = 20
+) -> dict[str, torch.Tensor]:
+    """Run the image encoder once and both protocols on a collated batch.
+
+    Args:
+        model: ``Sam``.
+        batch: ``"image"`` ``(B, 3, S, S)`` normalised and padded, ``"masks"`` ``(N, S, S) bool``,
+            ``"mask_image_index"`` ``(N,) int64``, ``"input_size"`` ``(B, 2) int64``.
+        max_clicks: K.
+
+    Returns:
+        ``"ious"`` ``(N, K)``, ``"pred_ious"`` ``(N,)`` (first click), ``"box_ious"`` ``(N,)``,
+        ``"box_pred_ious"`` ``(N,)``; all float32. Feed them to
+        :class:`samtrain.metrics.InteractiveMetrics` as
+        ``update(ious, box_ious=box_ious, pred_ious=pred_ious)``.
+    """
+    embeddings = model.image_encoder(batch["image"])
+    kwargs = dict(image_indices=batch["mask_image_index"], input_sizes=batch["input_size"])
+    ious, pred_ious = click_curve(model, embeddings, batch["masks"], max_clicks=max_clicks, **kwargs)
+    box_ious, box_pred_ious = box_iou(model, embeddings, batch["masks"], **kwargs)
+    return {"ious": ious, "pred_ious": pred_ious, "box_ious": box_ious, "box_pred_ious": box_pred_ious}

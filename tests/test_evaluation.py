@@ -1,0 +1,379 @@
+import cv2
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from samtrain.evaluation import (
+    box_iou,
+    click_curve,
+    evaluate_batch,
+    input_regions,
+    logits_to_masks,
+    masks_iou,
+)
+from samtrain.metrics import number_of_clicks
+from samtrain.models import build_sam
+
+S = 64
+
+
+class ScriptedModel:
+    """A stand-in for Sam: every output j of mask i is ``outputs[i, j]`` (S x S bool) as low-res
+    logits +10 / -10, the predicted IoUs are fixed, and every call is recorded."""
+
+    def __init__(self, outputs: torch.Tensor, iou_pred: torch.Tensor | None = None) -> None:
+        self.image_size = outputs.shape[-1]
+        pooled = F.avg_pool2d(outputs.float(), 4)
+        self.low_res = torch.where(pooled > 0.5, 10.0, -10.0)  # (N, 4, S/4, S/4)
+        self.iou_pred = torch.full(outputs.shape[:2], 0.5) if iou_pred is None else iou_pred
+        self.calls: list[dict] = []
+
+    def decode_masks(
+        self, image_embeddings, *, points=None, boxes=None, mask_inputs=None, image_indices=None
+    ):
+        self.calls.append(
+            dict(points=points, boxes=boxes, mask_inputs=mask_inputs, image_indices=image_indices)
+        )
+        return self.low_res.clone(), self.iou_pred.clone()
+
+
+class BoxModel:
+    """A stand-in for Sam whose every output is the given box, pixel-inclusive."""
+
+    image_size = S
+
+    def decode_masks(
+        self, image_embeddings, *, points=None, boxes=None, mask_inputs=None, image_indices=None
+    ):
+        self.boxes = boxes
+        grid = torch.arange(S)
+        x1, y1, x2, y2 = (boxes[:, i, None, None] for i in range(4))
+        inside = (grid[None, None, :] >= x1) & (grid[None, None, :] <= x2)
+        inside = inside & (grid[None, :, None] >= y1) & (grid[None, :, None] <= y2)
+        logits = torch.where(F.avg_pool2d(inside[:, None].float(), 4) > 0.5, 10.0, -10.0)
+        return logits.expand(-1, 4, -1, -1), torch.full((boxes.shape[0], 4), 0.75)
+
+
+def block_masks() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Three objects on two images of input sizes (40, 64) and (64, 48), aligned to 4 px blocks so
+    that +-10 low-res logits upsample to these masks up to their corners (bilinear rounds them)."""
+    masks = torch.zeros(3, S, S, dtype=torch.bool)
+    masks[0, 8:24, 4:20] = True
+    masks[1, 20:40, 32:64] = True
+    masks[2, 4:60, 12:44] = True
+    masks[2, 4:16, 12:24] = False
+    return masks, torch.tensor([0, 0, 1]), torch.tensor([[40, 64], [64, 48]])
+
+
+def band_masks() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Full-width bands with 4 px aligned edges: no corners inside the image region, so +-10 low-res
+    logits upsample to exactly these masks (object 2's band is cut at its image's width 48)."""
+    masks = torch.zeros(3, S, S, dtype=torch.bool)
+    masks[0, 8:24] = True
+    masks[1, 28:40] = True
+    masks[2, 4:60] = True
+    return masks, torch.tensor([0, 0, 1]), torch.tensor([[40, 64], [64, 48]])
+
+
+EMBEDDINGS = torch.zeros(2, 256, S // 16, S // 16)
+
+
+def test_input_regions_and_logits_to_masks():
+    regions = input_regions(torch.tensor([[40, 64], [64, 48]]), S)
+    assert regions.shape == (2, S, S)
+    assert regions.sum(dim=(1, 2)).tolist() == [40 * 64, 64 * 48]
+    assert regions[0, 39, 63] and not regions[0, 40, 0] and not regions[1, 0, 48]
+    masks = logits_to_masks(torch.ones(2, 1, S // 4, S // 4), regions)
+    assert torch.equal(masks, regions)
+
+
+def test_oracle_predictor_gets_iou_one_from_the_first_click():
+    masks, image_indices, input_sizes = block_masks()
+    model = ScriptedModel(masks[:, None].expand(-1, 4, -1, -1))
+    ious, pred_ious = click_curve(
+        model, EMBEDDINGS, masks, image_indices=image_indices, input_sizes=input_sizes, max_clicks=3
+    )
+    assert ious.shape == (3, 3) and ious.dtype == torch.float32
+    assert (ious > 0.98).all()  # only a few corner pixels are lost to the bilinear upsampling
+    exact, image_indices, input_sizes = band_masks()
+    ious, _ = click_curve(
+        ScriptedModel(exact[:, None].expand(-1, 4, -1, -1)),
+        EMBEDDINGS,
+        exact,
+        image_indices=image_indices,
+        input_sizes=input_sizes,
+        max_clicks=3,
+    )
+    assert torch.equal(ious, torch.ones(3, 3))
+    assert number_of_clicks(ious, 0.9).tolist() == [1, 1, 1]
+    assert torch.equal(pred_ious, torch.full((3,), 0.5))
+    assert len(model.calls) == 3 and all(torch.equal(c["image_indices"], image_indices) for c in model.calls)
+
+
+def test_output_choice_and_mask_feedback():
+    """Click 1: the multimask output with the highest predicted IoU (here output 2, the GT);
+    later clicks: output 0 (here empty), with the previous chosen low-res logits fed back."""
+    masks, image_indices, input_sizes = band_masks()
+    outputs = torch.zeros(3, 4, S, S, dtype=torch.bool)
+    outputs[:, 1] = True  # everything: tells output 1 apart from output 0
+    outputs[:, 2] = masks
+    iou_pred = torch.tensor([0.99, 0.1, 0.9, 0.2]).expand(3, 4)  # output 0 is not a candidate at click 1
+    model = ScriptedModel(outputs, iou_pred)
+    ious, pred_ious = click_curve(
+        model, EMBEDDINGS, masks, image_indices=image_indices, input_sizes=input_sizes, max_clicks=3
+    )
+    assert ious.tolist() == [[1.0, 0.0, 0.0]] * 3
+    assert torch.allclose(pred_ious, torch.tensor(0.9))
+
+    first, second, third = model.calls
+    assert first["mask_inputs"] is None
+    torch.testing.assert_close(second["mask_inputs"], model.low_res[:, 2:3])
+    torch.testing.assert_close(third["mask_inputs"], model.low_res[:, 0:1])
+    coords, labels = third["points"]
+    assert coords.shape == (3, 3, 2) and labels.shape == (3, 3) and labels.dtype == torch.int64
+    assert torch.equal(coords[:, :2], second["points"][0]) and torch.equal(coords[:, :1], first["points"][0])
+    # positive centre click; perfect mask -> negative background click; empty mask -> positive again
+    assert labels.tolist() == [[1, 0, 1]] * 3
+    torch.testing.assert_close(coords[:, 2], coords[:, 0])  # same error as before click 1: same centre
+    x, y = coords[:, 1].long().unbind(1)
+    assert not masks[torch.arange(3), y, x].any()  # in the background ...
+    assert input_regions(input_sizes, S)[image_indices, y, x].all()  # ... of the image, not the padding
+
+
+def reference_centre(mask: np.ndarray) -> tuple[float, float]:
+    """(x, y) of the first row-major maximum of the exact L2 distance transform, mask padded by 1 px."""
+    dist = cv2.distanceTransform(np.pad(mask, 1).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    y, x = np.unravel_index(np.argmax(dist[1:-1, 1:-1]), mask.shape)
+    return float(x), float(y)
+
+
+def test_first_click_is_the_distance_transform_centre():
+    masks = torch.zeros(2, S, S, dtype=torch.bool)
+    masks[0, 10:30, 5:50] = True  # a wide bar with a thick blob hanging below it
+    masks[0, 30:45, 30:50] = True
+    masks[1, 30:40, 0:64] = True  # touches the image's right edge at w = 48: cut there
+    model = ScriptedModel(torch.zeros(2, 4, S, S, dtype=torch.bool))
+    input_sizes = torch.tensor([[S, S], [S, 48]])
+    click_curve(
+        model, EMBEDDINGS, masks, image_indices=torch.tensor([0, 1]), input_sizes=input_sizes, max_clicks=1
+    )
+    coords, labels = model.calls[0]["points"]
+    assert labels.tolist() == [[1], [1]]
+    assert tuple(coords[0, 0].tolist()) == reference_centre(masks[0].numpy())
+    assert tuple(coords[1, 0].tolist()) == reference_centre(masks[1, :, :48].numpy())
+    assert coords[1, 0, 0].item() < 48
+
+
+def test_padding_does_not_count():
+    """A model that predicts everything: the IoU is |GT| / |image region|, not / S^2."""
+    masks = torch.zeros(1, S, S, dtype=torch.bool)
+    masks[0, 0:20, 0:32] = True
+    model = ScriptedModel(torch.ones(1, 4, S, S, dtype=torch.bool))
+    ious, _ = click_curve(
+        model,
+        EMBEDDINGS[:1],
+        masks,
+        image_indices=torch.tensor([0]),
+        input_sizes=torch.tensor([[40, 64]]),
+        max_clicks=2,
+    )
+    torch.testing.assert_close(ious, torch.full((1, 2), 20 * 32 / (40 * 64)))
+
+
+def test_box_protocol_uses_the_tight_inclusive_box():
+    masks, image_indices, input_sizes = block_masks()
+    model = BoxModel()
+    ious, pred_ious = box_iou(model, EMBEDDINGS, masks, image_indices=image_indices, input_sizes=input_sizes)
+    assert model.boxes[0].tolist() == [4.0, 8.0, 19.0, 23.0]
+    assert model.boxes[1].tolist() == [32.0, 20.0, 63.0, 39.0]
+    # The box model loses the 4 corner pixels of each box to the bilinear upsampling, except where
+    # a corner is on the border of the S x S frame (object 1's right side). Object 2 (1648 px) fills
+    # its 56 x 32 box but for a notch that holds one of the lost corners.
+    assert masks[2].sum() == 1648
+    expected = torch.tensor([252 / 256, 638 / 640, (1648 - 3) / (56 * 32 - 1)])
+    torch.testing.assert_close(ious, expected)
+    assert torch.equal(pred_ious, torch.full((3,), 0.75))
+
+
+def test_masks_iou():
+    a = torch.zeros(3, 4, 4, dtype=torch.bool)
+    b = torch.zeros(3, 4, 4, dtype=torch.bool)
+    a[0, :2], b[0, 1:3] = True, True  # 4 / 12
+    a[1], b[1] = True, True
+    assert masks_iou(a, b).tolist() == pytest.approx([1 / 3, 1.0, 0.0])
+
+
+@pytest.fixture(scope="module")
+def tiny_batch():
+    torch.manual_seed(0)
+    model = build_sam("vit_t", image_size=S).eval()
+    image = torch.randn(2, 3, S, S)
+    image[0, :, 40:] = 0
+    image[1, :, :, 48:] = 0
+    masks, image_indices, input_sizes = block_masks()
+    batch = {"image": image, "masks": masks, "mask_image_index": image_indices, "input_size": input_sizes}
+    return model, batch
+
+
+def test_tiny_model_shapes_and_ranges(tiny_batch):
+    model, batch = tiny_batch
+    out = evaluate_batch(model, batch, max_clicks=4)
+    assert out["ious"].shape == (3, 4)
+    for key in ("pred_ious", "box_ious", "box_pred_ious"):
+        assert out[key].shape == (3,), key
+    for key, value in out.items():
+        assert value.dtype == torch.float32 and torch.isfinite(value).all(), key
+    assert ((out["ious"] >= 0) & (out["ious"] <= 1)).all()
+    assert ((out["box_ious"] >= 0) & (out["box_ious"] <= 1)).all()
+    # the protocol is deterministic: a shorter run is a prefix of a longer one
+    embeddings = model.image_encoder(batch["image"])
+    ious, pred_ious = click_curve(
+        model,
+        embeddings,
+        batch["masks"],
+        image_indices=batch["mask_image_index"],
+        input_sizes=batch["input_size"],
+        max_clicks=2,
+    )
+    torch.testing.assert_close(ious, out["ious"][:, :2])
+    torch.testing.assert_close(pred_ious, out["pred_ious"])
+
+
+def test_no_objects(tiny_batch):
+    model, _ = tiny_batch
+    kwargs = dict(image_indices=torch.zeros(0, dtype=torch.int64), input_sizes=torch.tensor([[S, S]]))
+    no_masks = torch.zeros(0, S, S, dtype=torch.bool)
+    ious, pred_ious = click_curve(model, EMBEDDINGS[:1], no_masks, max_clicks=3, **kwargs)
+    assert ious.shape == (0, 3) and pred_ious.shape == (0,)
+    assert box_iou(model, EMBEDDINGS[:1], no_masks, **kwargs)[0].shape == (0,)
+
+
+def test_rejects_masks_of_the_wrong_size():
+    model = BoxModel()
+    with pytest.raises(ValueError, match="gt_masks"):
+        box_iou(
+            model,
+            EMBEDDINGS,
+            torch.zeros(1, 32, 32, dtype=torch.bool),
+            image_indices=torch.tensor([0]),
+            input_sizes=torch.tensor([[S, S]]),
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the official segment-anything predictor as an oracle for the click protocol
+
+ORACLE_VARIANT, ORACLE_CLICKS = "vit_t", 6
+ORACLE_HW = (40, S)  # already at S on its longest side: the official resize is the identity
+
+
+class RecordingModel:
+    """Delegates to a Sam and records the point prompts of every decoder call."""
+
+    def __init__(self, model) -> None:
+        self.model, self.image_size, self.points = model, model.image_size, []
+
+    def decode_masks(self, image_embeddings, **kwargs):
+        self.points.append(kwargs["points"])
+        return self.model.decode_masks(image_embeddings, **kwargs)
+
+
+def reference_click(gt: np.ndarray, pred: np.ndarray) -> tuple[float, float, int]:
+    """The RITM centre click on one (h, w) image with cv2, as (x, y, label)."""
+
+    def dt(region):
+        return cv2.distanceTransform(np.pad(region, 1).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)[
+            1:-1, 1:-1
+        ]
+
+    fn, fp = dt(gt & ~pred), dt(~gt & pred)
+    dist, label = (fn, 1) if fn.max() > fp.max() else (fp, 0)
+    y, x = np.unravel_index(np.argmax(dist), gt.shape)
+    return float(x), float(y), label
+
+
+@pytest.fixture(scope="module")
+def oracle(tmp_path_factory):
+    from tests.oracle import build_official_sam, randomise, segment_anything
+
+    torch.manual_seed(0)
+    official = randomise(build_official_sam(ORACLE_VARIANT, S))
+    path = tmp_path_factory.mktemp("ckpt") / "official.pth"
+    torch.save(official.state_dict(), path)
+    ours = build_sam(ORACLE_VARIANT, image_size=S, checkpoint=path).eval()
+
+    rng = np.random.default_rng(0)
+    h, w = ORACLE_HW
+    image = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+    gt = np.zeros((3, S, S), dtype=bool)
+    gt[0, 6:30, 8:30] = True  # a rectangle
+    yy, xx = np.mgrid[:S, :S]
+    gt[1] = ((yy - 22) / 12) ** 2 + ((xx - 46) / 15) ** 2 <= 1  # an ellipse
+    gt[2, 30:40, 20:64] = True  # a bar on the bottom-right corner of the image
+    for mask, colour in zip(gt, [(250, 30, 30), (30, 250, 30), (30, 30, 250)], strict=True):
+        image[mask[:h, :w]] = colour
+    theirs = segment_anything.SamPredictor(official)
+    theirs.set_image(image)
+    return ours, theirs, image, torch.from_numpy(gt)
+
+
+def test_click_protocol_matches_the_official_predictor(oracle):
+    ours, theirs, image, gt = oracle
+    h, w = ORACLE_HW
+    assert theirs.input_size == ORACLE_HW and theirs.original_size == ORACLE_HW
+    pixels = torch.from_numpy(image).permute(2, 0, 1)[None].float()
+    embeddings = ours.image_encoder(ours.preprocess(pixels))
+    recorder = RecordingModel(ours)
+    ious, pred_ious = click_curve(
+        recorder,
+        embeddings,
+        gt,
+        image_indices=torch.zeros(3, dtype=torch.int64),
+        input_sizes=torch.tensor([ORACLE_HW]),
+        max_clicks=ORACLE_CLICKS,
+    )
+    coords, labels = (t.numpy() for t in recorder.points[-1])
+    assert coords.shape == (3, ORACLE_CLICKS, 2)
+
+    for i in range(3):
+        truth = gt[i, :h, :w].numpy()
+        mask_input, pred = None, np.zeros_like(truth)
+        for k in range(ORACLE_CLICKS):
+            # our k-th click is the RITM centre click of the official prediction after k - 1 clicks
+            assert reference_click(truth, pred) == (*coords[i, k], labels[i, k]), (i, k)
+            masks, scores, low_res = theirs.predict(
+                point_coords=coords[i, : k + 1],
+                point_labels=labels[i, : k + 1],
+                mask_input=mask_input,
+                multimask_output=k == 0,
+            )
+            chosen = int(np.argmax(scores)) if k == 0 else 0
+            if k == 0:
+                assert pred_ious[i].item() == pytest.approx(float(scores[chosen]), abs=1e-3)
+            pred, mask_input = masks[chosen], low_res[chosen : chosen + 1]
+            ref_iou = (pred & truth).sum() / max((pred | truth).sum(), 1)
+            assert ious[i, k].item() == pytest.approx(ref_iou, abs=1e-3), (i, k)
+    assert ious.std() > 0.01  # the curves are not trivially constant
+
+
+def test_box_protocol_matches_the_official_predictor(oracle):
+    ours, theirs, image, gt = oracle
+    h, w = ORACLE_HW
+    pixels = torch.from_numpy(image).permute(2, 0, 1)[None].float()
+    embeddings = ours.image_encoder(ours.preprocess(pixels))
+    ious, pred_ious = box_iou(
+        ours,
+        embeddings,
+        gt,
+        image_indices=torch.zeros(3, dtype=torch.int64),
+        input_sizes=torch.tensor([ORACLE_HW]),
+    )
+    for i in range(3):
+        truth = gt[i, :h, :w].numpy()
+        ys, xs = np.nonzero(truth)
+        box = np.array([xs.min(), ys.min(), xs.max(), ys.max()], dtype=np.float64)
+        masks, scores, _ = theirs.predict(box=box, multimask_output=False)
+        ref_iou = (masks[0] & truth).sum() / max((masks[0] | truth).sum(), 1)
+        assert ious[i].item() == pytest.approx(ref_iou, abs=1e-3), i
+        assert pred_ious[i].item() == pytest.approx(float(scores[0]), abs=1e-3), i
