@@ -1,0 +1,269 @@
+"""SamModule: SAM's interactive training recipe as a LightningModule (SAM paper, appendix A).
+
+One step: the encoder runs once per image; then 1 + 8 + 2 decoder passes run over every mask of
+the batch at once, each mask reading its own image's embedding. Pass 0 uses the first prompt
+(a point or a box); 8 passes add a click from the error region; 2 add none. Every pass after
+the first feeds back the previous low-res logits as the mask prompt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+
+from samtrain.evaluation import evaluate_batch, input_regions, logits_to_masks
+from samtrain.losses import SamLoss, sam_loss
+from samtrain.metrics import InteractiveMetrics
+from samtrain.models.sam import Sam
+from samtrain.optim import build_scheduler, sam_param_groups
+from samtrain.prompts import click_schedule, sample_error_points, sample_initial_prompts, step_generators
+
+SAM_PARTS = ("image_encoder", "prompt_encoder", "mask_decoder")
+
+
+@dataclass
+class PromptRecipe:
+    """How prompts are simulated during training (defaults: the SAM paper)."""
+
+    point_prob: float = 0.5
+    box_noise_std: float = 0.1
+    box_noise_max: float = 20.0
+    num_click_passes: int = 8
+    num_mask_only_passes: int = 2
+
+
+@dataclass
+class LossWeights:
+    focal: float = 20.0
+    dice: float = 1.0
+    iou: float = 1.0
+    iou_supervision: str = "all"
+
+
+@dataclass
+class PassState:
+    """The prompts of every mask after a decoder pass."""
+
+    coords: torch.Tensor  # (N, T, 2)
+    labels: torch.Tensor  # (N, T)
+    mask_input: torch.Tensor | None  # (N, 1, S/4, S/4) chosen logits of the last pass, detached
+    pred_masks: torch.Tensor | None  # (N, S, S) bool
+
+
+def output_candidates(labels: torch.Tensor, num_outputs: int) -> torch.Tensor:
+    """labels (N, T) -> (N, num_outputs) bool: the multimask outputs (1:) for a single-point
+    prompt, the single-mask output (0) for everything else."""
+    single_point = (labels >= 0).sum(1) == 1
+    single_point &= ((labels == 0) | (labels == 1)).sum(1) == 1
+    is_multi = torch.arange(num_outputs, device=labels.device) > 0
+    return torch.where(single_point[:, None], is_multi, ~is_multi)
+
+
+class SamModule(pl.LightningModule):
+    """Trains a Sam with simulated interactive prompts.
+
+    Args:
+        net: the SAM model (``samtrain.models.build_sam``).
+        optimizer: a partial optimizer taking the parameter groups (e.g. AdamW).
+        scheduler: keyword arguments of ``samtrain.optim.build_scheduler`` or None.
+        prompts: the prompt simulation recipe.
+        loss: loss weights.
+        freeze: parts of the model that do not train ("image_encoder", ...).
+        lr, weight_decay, layer_decay: see ``samtrain.optim.sam_param_groups``.
+        seed: seeds the per-step prompt generators (with the global step and the rank).
+        val_max_clicks: clicks of the validation click curve (1 for the cheap metrics only).
+        val_full_curve_every: run the full curve every n validation epochs (0: never).
+    """
+
+    def __init__(
+        self,
+        *,
+        net: Sam,
+        optimizer: Callable,
+        scheduler: dict | None = None,
+        prompts: PromptRecipe | None = None,
+        loss: LossWeights | None = None,
+        freeze: Sequence[str] = (),
+        lr: float = 8e-4,
+        weight_decay: float = 0.1,
+        layer_decay: float | None = None,
+        seed: int = 0,
+        val_max_clicks: int = 20,
+        val_full_curve_every: int = 1,
+    ) -> None:
+        super().__init__()
+        # Plain values only, so checkpoints load with torch.load(weights_only=True).
+        self.save_hyperparameters(ignore=["net", "optimizer", "prompts", "loss"], logger=False)
+        self.net = net
+        self.optimizer_factory = optimizer
+        self.scheduler_kwargs = dict(scheduler) if scheduler else None
+        self.prompts = prompts or PromptRecipe()
+        self.loss_weights = loss or LossWeights()
+        self.hparams.update(prompts=asdict(self.prompts), loss=asdict(self.loss_weights))
+        self.seed = seed
+        self.freeze = tuple(freeze)
+        unknown = set(self.freeze) - set(SAM_PARTS)
+        if unknown:
+            raise ValueError(f"freeze: unknown parts {sorted(unknown)}; choose from {SAM_PARTS}")
+        for part in self.freeze:
+            getattr(self.net, part).requires_grad_(False)
+        self.val_max_clicks = val_max_clicks
+        self.val_full_curve_every = val_full_curve_every
+        self.val_metrics = InteractiveMetrics(clicks=[k for k in (1, 3, 5, 9) if k <= val_max_clicks])
+
+    # ------------------------------------------------------------------ training
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) normalised -> (B, 256, S/16, S/16); without graph when the encoder is frozen."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and "image_encoder" not in self.freeze):
+            return self.net.image_encoder(images)
+
+    def num_masks_across_ranks(self, n: int) -> torch.Tensor:
+        """The mean number of masks per rank: dividing each rank's loss sum by it makes DDP's
+        gradient average equal the mean over every mask of the global batch."""
+        count = torch.tensor(float(n), device=self.device)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(count)
+            count /= dist.get_world_size()
+        return count.clamp(min=1.0)
+
+    def decoder_pass(
+        self, embeddings: torch.Tensor, image_indices: torch.Tensor, state: PassState
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One pass over all masks -> logits (N, 4, S/4, S/4), iou_pred (N, 4), candidates (N, 4)."""
+        logits, iou_pred = self.net.decode_masks(
+            embeddings,
+            points=(state.coords, state.labels),
+            mask_inputs=state.mask_input,
+            image_indices=image_indices,
+        )
+        return logits, iou_pred, output_candidates(state.labels, logits.shape[1])
+
+    def feedback(
+        self, logits: torch.Tensor, iou_pred: torch.Tensor, candidates: torch.Tensor, valid: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The output each mask continues from (highest predicted IoU among its candidates):
+        its detached logits (N, 1, S/4, S/4) and its binary mask (N, S, S) inside the image."""
+        best = iou_pred.detach().masked_fill(~candidates, float("-inf")).argmax(1)
+        chosen = logits.detach()[torch.arange(len(best), device=best.device), best].unsqueeze(1)
+        return chosen, logits_to_masks(chosen, valid)
+
+    def interactive_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The whole simulated interaction of one batch -> (loss, logs)."""
+        gt = batch["masks"]
+        image_indices = batch["mask_image_index"]
+        structural, per_mask = step_generators(self.seed, self.global_step, self.global_rank, gt.device)
+        num_masks = self.num_masks_across_ranks(gt.shape[0])
+        valid = input_regions(batch["input_size"], self.net.image_size)[image_indices]
+        embeddings = self.encode(batch["image"])
+
+        recipe = self.prompts
+        coords, labels = sample_initial_prompts(
+            gt,
+            point_prob=recipe.point_prob,
+            generator=per_mask,
+            choice_generator=structural,
+            box_noise_std=recipe.box_noise_std,
+            box_noise_max=recipe.box_noise_max,
+        )
+        state = PassState(coords=coords, labels=labels, mask_input=None, pred_masks=None)
+        schedule = [
+            False,
+            *click_schedule(
+                num_click_passes=recipe.num_click_passes,
+                num_mask_only_passes=recipe.num_mask_only_passes,
+                generator=structural,
+            ),
+        ]
+        results: list[SamLoss] = []
+        for adds_click in schedule:
+            if adds_click:
+                point, label = sample_error_points(gt, state.pred_masks, method="uniform", generator=per_mask)
+                state.coords = torch.cat([state.coords, point], dim=1)
+                state.labels = torch.cat([state.labels, label], dim=1)
+            logits, iou_pred, candidates = self.decoder_pass(embeddings, image_indices, state)
+            results.append(self.pass_loss(logits, iou_pred, gt, candidates, num_masks))
+            state.mask_input, state.pred_masks = self.feedback(logits, iou_pred, candidates, valid)
+
+        loss = torch.stack([r.loss for r in results]).mean()
+        logs = {
+            "loss": loss.detach(),
+            "focal": torch.stack([r.focal for r in results]).mean(),
+            "dice": torch.stack([r.dice for r in results]).mean(),
+            "iou_mse": torch.stack([r.iou for r in results]).mean(),
+            "mIoU_first": self.chosen_iou(results[0]),
+            "mIoU_last": self.chosen_iou(results[-1]),
+        }
+        return loss, logs
+
+    def pass_loss(self, logits, iou_pred, gt, candidates, num_masks) -> SamLoss:
+        w = self.loss_weights
+        return sam_loss(
+            logits,
+            iou_pred,
+            gt,
+            valid=candidates,
+            focal_weight=w.focal,
+            dice_weight=w.dice,
+            iou_weight=w.iou,
+            iou_supervision=w.iou_supervision,
+            num_masks=num_masks,
+        )
+
+    @staticmethod
+    def chosen_iou(result: SamLoss) -> torch.Tensor:
+        if result.true_iou.numel() == 0:
+            return result.true_iou.new_zeros(())
+        return result.true_iou.gather(1, result.chosen[:, None]).mean()
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss, logs = self.interactive_loss(batch)
+        batch_size = batch["image"].shape[0]
+        loss_value = logs.pop("loss")
+        self.log("train/loss", loss_value, prog_bar=True, batch_size=batch_size)
+        self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=batch_size)
+        self.log("train/num_masks", float(batch["masks"].shape[0]), batch_size=batch_size)
+        return loss
+
+    # ------------------------------------------------------------------ validation
+
+    def val_clicks(self) -> int:
+        """The full click curve every val_full_curve_every epochs and at the last, else 1 click."""
+        every = self.val_full_curve_every
+        if every <= 0:
+            return 1
+        last = self.trainer.max_epochs is not None and self.current_epoch >= self.trainer.max_epochs - 1
+        return self.val_max_clicks if self.current_epoch % every == 0 or last else 1
+
+    def on_validation_epoch_start(self) -> None:
+        self.val_metrics.reset()
+        self._clicks_this_epoch = self.val_clicks()
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        out = evaluate_batch(self.net, batch, max_clicks=self._clicks_this_epoch)
+        self.val_metrics.update(out["ious"], box_ious=out["box_ious"], pred_ious=out["pred_ious"])
+
+    def on_validation_epoch_end(self) -> None:
+        metrics = self.val_metrics.compute()
+        self.log_dict({f"val/{k}": v.float() for k, v in metrics.items()}, sync_dist=False)
+
+    # ------------------------------------------------------------------ optimisation
+
+    def configure_optimizers(self):
+        groups = sam_param_groups(
+            self.net,
+            lr=self.hparams.lr,
+            weight_decay=self.hparams.weight_decay,
+            layer_decay=self.hparams.layer_decay,
+        )
+        optimizer = self.optimizer_factory(params=groups)
+        if not self.scheduler_kwargs:
+            return optimizer
+        scheduler = build_scheduler(
+            optimizer, total_steps=int(self.trainer.estimated_stepping_batches), **self.scheduler_kwargs
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

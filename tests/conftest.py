@@ -1,0 +1,61 @@
+"""Shared fixtures: the real Hydra config, composed with overrides that keep runs tiny."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+# A tiny, fast run: vit_t at 64 px, two masks per image, three clicks.
+TINY = (
+    "model.net.image_size=64",
+    "model.val_max_clicks=3",
+    "prompts.num_click_passes=2",
+    "prompts.num_mask_only_passes=1",
+    "data.batch_size=2",
+    "data.train_dataset.transform.max_masks=2",
+    "data.val_dataset.transform.max_masks=2",
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=2",
+    "trainer.limit_val_batches=1",
+    "trainer.log_every_n_steps=1",
+)
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def compose_config(output_dir: Path, *overrides: str, config_name: str = "train") -> DictConfig:
+    """The project's config with the Hydra runtime set, as `python train.py ...` would see it."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(
+            config_name, overrides=[f"hydra.run.dir={output_dir}", *overrides], return_hydra_config=True
+        )
+    with open_dict(cfg):
+        cfg.paths.root_dir = str(ROOT)
+        cfg.paths.output_dir = str(output_dir)
+        cfg.hydra.runtime.output_dir = str(output_dir)
+    HydraConfig().set_config(cfg)
+    return cfg
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path):
+    """A function: extra overrides -> the composed tiny training config in tmp_path."""
+
+    def make(*overrides: str) -> DictConfig:
+        return compose_config(tmp_path, *TINY, *overrides)
+
+    yield make
+    GlobalHydra.instance().clear()
