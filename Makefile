@@ -24,7 +24,7 @@ install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
 train: $(VENV)/.installed
-	$(PY) train.py $(ARGS)
+	$(PY) train.py experiment=sample_cpu $(ARGS)
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest -q $(ARGS)

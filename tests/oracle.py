@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import partial
+from pathlib import Path
 
 import pytest
 import torch
@@ -67,3 +68,14 @@ def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
         scale = 0.5 if ("pos_embed" in name or "rel_pos" in name) else 0.05
         tensor.add_(torch.randn(tensor.shape, generator=gen) * scale)
     return model
+
+
+def official_and_samtrain(variant: str, image_size: int, directory: Path, seed: int = 0):
+    """An official model with randomised weights and a samtrain model loaded from its checkpoint."""
+    from samtrain.models import build_sam
+
+    torch.manual_seed(seed)
+    official = randomise(build_official_sam(variant, image_size), seed=seed)
+    path = directory / "official.pth"
+    torch.save(official.state_dict(), path)
+    return official, build_sam(variant, image_size=image_size, checkpoint=path).eval()

@@ -295,13 +295,9 @@ def reference_click(gt: np.ndarray, pred: np.ndarray) -> tuple[float, float, int
 
 @pytest.fixture(scope="module")
 def oracle(tmp_path_factory):
-    from tests.oracle import build_official_sam, randomise, segment_anything
+    from tests.oracle import official_and_samtrain, segment_anything
 
-    torch.manual_seed(0)
-    official = randomise(build_official_sam(ORACLE_VARIANT, S))
-    path = tmp_path_factory.mktemp("ckpt") / "official.pth"
-    torch.save(official.state_dict(), path)
-    ours = build_sam(ORACLE_VARIANT, image_size=S, checkpoint=path).eval()
+    official, ours = official_and_samtrain(ORACLE_VARIANT, S, tmp_path_factory.mktemp("ckpt"))
 
     rng = np.random.default_rng(0)
     h, w = ORACLE_HW

@@ -8,7 +8,7 @@ import torch
 
 from samtrain.models import build_sam, export_sam_checkpoint
 from samtrain.predictor import SamPredictor
-from tests.oracle import build_official_sam, randomise, segment_anything
+from tests.oracle import build_official_sam, official_and_samtrain, segment_anything
 
 VARIANT, IMAGE_SIZE = "vit_t", 160  # grid 10 with window 8: windows need padding
 ATOL = 1e-3
@@ -16,12 +16,7 @@ ATOL = 1e-3
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    torch.manual_seed(0)
-    official = randomise(build_official_sam(VARIANT, IMAGE_SIZE))
-    path = tmp_path_factory.mktemp("ckpt") / "official.pth"
-    torch.save(official.state_dict(), path)
-    ours = build_sam(VARIANT, image_size=IMAGE_SIZE, checkpoint=path).eval()
-    return official, ours
+    return official_and_samtrain(VARIANT, IMAGE_SIZE, tmp_path_factory.mktemp("ckpt"))
 
 
 @pytest.fixture(scope="module")
