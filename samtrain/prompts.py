@@ -19,6 +19,15 @@ import hashlib
 import numpy as np
 import torch
 
+# The label convention is the prompt encoder's.
+from samtrain.models.prompt_encoder import (
+    BOX_BOTTOM_RIGHT as LABEL_BOX_BOTTOM_RIGHT,
+    BOX_TOP_LEFT as LABEL_BOX_TOP_LEFT,
+    NEGATIVE as LABEL_NEGATIVE,
+    PADDING as LABEL_PAD,
+    POSITIVE as LABEL_POSITIVE,
+)
+
 __all__ = [
     "click_schedule",
     "jitter_boxes",
@@ -29,11 +38,6 @@ __all__ = [
     "step_generators",
 ]
 
-LABEL_PAD = -1
-LABEL_NEGATIVE = 0
-LABEL_POSITIVE = 1
-LABEL_BOX_TOP_LEFT = 2
-LABEL_BOX_BOTTOM_RIGHT = 3
 
 ERROR_POINT_METHODS = ("uniform", "center")
 

@@ -14,10 +14,12 @@ from dataclasses import asdict, dataclass
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from samtrain.evaluation import evaluate_batch, input_regions, logits_to_masks
 from samtrain.losses import SamLoss, sam_loss
 from samtrain.metrics import InteractiveMetrics
+from samtrain.models.prompt_encoder import BOX_TOP_LEFT, NEGATIVE, POSITIVE
 from samtrain.models.sam import Sam
 from samtrain.optim import build_scheduler, sam_param_groups
 from samtrain.prompts import click_schedule, sample_error_points, sample_initial_prompts, step_generators
@@ -34,6 +36,9 @@ class PromptRecipe:
     box_noise_max: float = 20.0
     num_click_passes: int = 8
     num_mask_only_passes: int = 2
+    # Probability that a step's first pass also receives each mask's ground truth as the mask
+    # prompt (a structural choice: the same on every rank).
+    gt_mask_prob: float = 0.0
 
 
 @dataclass
@@ -42,6 +47,18 @@ class LossWeights:
     dice: float = 1.0
     iou: float = 1.0
     iou_supervision: str = "all"
+    # False: low-res logits against downsampled targets (SAM); True: logits upsampled to S.
+    full_resolution: bool = False
+
+
+GT_MASK_LOGIT = 10.0  # magnitude of the logits that stand for a ground-truth mask prompt
+
+
+def masks_to_prompt_logits(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Ground-truth masks (N, S, S) bool -> mask-prompt logits (N, 1, S/4, S/4) in [-10, 10],
+    from the area fraction each low-res cell covers."""
+    fraction = F.interpolate(masks[:, None].float(), size=size, mode="area")
+    return (2 * fraction - 1) * GT_MASK_LOGIT
 
 
 @dataclass
@@ -57,8 +74,8 @@ class PassState:
 def output_candidates(labels: torch.Tensor, num_outputs: int) -> torch.Tensor:
     """labels (N, T) -> (N, num_outputs) bool: the multimask outputs (1:) for a single-point
     prompt, the single-mask output (0) for everything else."""
-    single_point = (labels >= 0).sum(1) == 1
-    single_point &= ((labels == 0) | (labels == 1)).sum(1) == 1
+    is_click = (labels == NEGATIVE) | (labels == POSITIVE)
+    single_point = (is_click.sum(1) == 1) & ~(labels >= BOX_TOP_LEFT).any(1)
     is_multi = torch.arange(num_outputs, device=labels.device) > 0
     return torch.where(single_point[:, None], is_multi, ~is_multi)
 
@@ -171,6 +188,11 @@ class SamModule(pl.LightningModule):
             box_noise_max=recipe.box_noise_max,
         )
         state = PassState(coords=coords, labels=labels, mask_input=None, pred_masks=None)
+        if (
+            recipe.gt_mask_prob > 0
+            and torch.rand((), generator=structural, device=gt.device) < recipe.gt_mask_prob
+        ):
+            state.mask_input = masks_to_prompt_logits(gt, self.net.prompt_encoder.mask_input_size)
         schedule = [
             False,
             *click_schedule(
@@ -202,6 +224,8 @@ class SamModule(pl.LightningModule):
 
     def pass_loss(self, logits, iou_pred, gt, candidates, num_masks) -> SamLoss:
         w = self.loss_weights
+        if w.full_resolution:
+            logits = F.interpolate(logits, size=gt.shape[-2:], mode="bilinear", align_corners=False)
         return sam_loss(
             logits,
             iou_pred,

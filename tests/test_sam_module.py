@@ -104,3 +104,72 @@ if __name__ == "__main__":
     EXPECTED_LOSSES.parent.mkdir(exist_ok=True)
     EXPECTED_LOSSES.write_text(json.dumps(values, indent=1) + "\n")
     print(values)
+
+
+class DecoderCallRecorder:
+    """Wraps Sam.decode_masks to record the prompts of every decoder pass."""
+
+    def __init__(self, net):
+        self.calls = []
+        self._decode = net.decode_masks
+        net.decode_masks = self
+
+    def __call__(self, embeddings, **kwargs):
+        self.calls.append(
+            {k: v.clone() if torch.is_tensor(v) else v for k, v in kwargs.items() if k != "points"}
+        )
+        self.calls[-1]["labels"] = kwargs["points"][1].clone()
+        return self._decode(embeddings, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "first_labels"),
+    [(["prompts=point_only"], [1, -1]), (["prompts=box_only"], [2, 3])],
+)
+def test_prompt_mix_options(tiny_cfg, overrides, first_labels):
+    cfg = tiny_cfg(*overrides)
+    module = hydra.utils.instantiate(cfg.model)
+    recorder = DecoderCallRecorder(module.net)
+    with torch.no_grad():
+        module.interactive_loss(first_batch(cfg))
+    first = recorder.calls[0]["labels"]
+    assert (first == torch.tensor(first_labels)).all()
+    recipe = module.prompts
+    assert len(recorder.calls) == 1 + recipe.num_click_passes + recipe.num_mask_only_passes
+    assert recorder.calls[0]["mask_inputs"] is None
+    assert all(call["mask_inputs"] is not None for call in recorder.calls[1:])
+    clicks = [call["labels"].shape[1] for call in recorder.calls]
+    assert clicks[-1] == 2 + recipe.num_click_passes  # every click pass added one point
+
+
+@pytest.mark.parametrize("gt_mask_prob", [0.0, 1.0])
+def test_ground_truth_mask_prompt(tiny_cfg, gt_mask_prob):
+    cfg = tiny_cfg(f"prompts.gt_mask_prob={gt_mask_prob}")
+    module = hydra.utils.instantiate(cfg.model)
+    recorder = DecoderCallRecorder(module.net)
+    batch = first_batch(cfg)
+    with torch.no_grad():
+        module.interactive_loss(batch)
+    first = recorder.calls[0]["mask_inputs"]
+    if gt_mask_prob == 0:
+        assert first is None
+        return
+    assert first.shape == (len(batch["masks"]), 1, 16, 16)
+    # Positive logits exactly where the ground truth covers most of a low-res cell.
+    coarse = torch.nn.functional.avg_pool2d(batch["masks"][:, None].float(), 4) > 0.5
+    assert torch.equal(first > 0, coarse)
+    assert first.abs().max() <= 10
+
+
+def test_full_resolution_loss(tiny_cfg):
+    cfg = tiny_cfg()
+    batch = first_batch(cfg)
+    low = hydra.utils.instantiate(cfg.model)
+    full = hydra.utils.instantiate(tiny_cfg("model.loss.full_resolution=true").model)
+    full.load_state_dict(low.state_dict())
+    low_loss, _ = low.interactive_loss(batch)
+    full_loss, _ = full.interactive_loss(batch)
+    full_loss.backward()
+    assert torch.isfinite(full_loss)
+    assert not torch.isclose(low_loss, full_loss)  # computed on another grid
+    assert full.net.mask_decoder.iou_token.weight.grad is not None

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from timm.layers import resample_abs_pos_embed_nhwc
 from torch import nn
 
-_PREFIXES = ("module.", "model.", "_orig_mod.")
+_PREFIXES = ("module.", "model.", "net.", "_orig_mod.")  # DDP, wrappers, SamModule, torch.compile
 _ENCODER_MLP = re.compile(r"^(image_encoder\.blocks\.\d+\.mlp\.)(lin|fc)([12]\.)")
 
 

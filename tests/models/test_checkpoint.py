@@ -35,7 +35,7 @@ def test_key_mapping_round_trip():
     assert samtrain_to_official(mapped) == keys
 
 
-@pytest.mark.parametrize("wrap", ["module.", "model.", "lightning"])
+@pytest.mark.parametrize("wrap", ["module.", "model.", "net.", "lightning"])
 def test_prefixes_and_containers_are_unwrapped(tiny, tmp_path, wrap):
     model, path = tiny
     state = torch.load(path, weights_only=True)
