@@ -272,8 +272,9 @@ class SamModule(pl.LightningModule):
         self.val_metrics.update(out["ious"], box_ious=out["box_ious"], pred_ious=out["pred_ious"])
 
     def on_validation_epoch_end(self) -> None:
-        metrics = self.val_metrics.compute()
-        self.log_dict({f"val/{k}": v.float() for k, v in metrics.items()}, sync_dist=False)
+        metrics = self.val_metrics.compute()  # gathers every rank's objects
+        # Identical on every rank already; sync_dist averages identical values (and keeps Lightning quiet).
+        self.log_dict({f"val/{k}": v.float() for k, v in metrics.items()}, sync_dist=True)
 
     # ------------------------------------------------------------------ optimisation
 
