@@ -1,0 +1,121 @@
+"""The ``samtrain`` command: ``samtrain train [overrides]`` and ``samtrain eval [overrides]``.
+
+Each subcommand is the Hydra app of the matching root script (``train.py`` with ``conf/train.yaml``,
+``eval.py`` with ``conf/eval.yaml``): everything after the subcommand goes to Hydra unchanged, so
+overrides (``key=value``, ``group=option``) and Hydra's flags (``--help``, ``--cfg job``, ``-m``)
+work as they do with the scripts. The configs are read from the repository's ``conf/`` folder
+(next to the ``samtrain`` package of an editable install) or from ``$SAMTRAIN_CONFIG_DIR``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+CONFIG_DIR_ENV = "SAMTRAIN_CONFIG_DIR"
+
+COMMANDS = {
+    "train": "train a SAM model (conf/train.yaml; same as `python train.py`)",
+    "eval": "evaluate checkpoints: results.json, results.md, mIoU-vs-clicks plot "
+    "(conf/eval.yaml; same as `python eval.py`)",
+}
+
+EXAMPLES = """\
+examples:
+  samtrain train experiment=sample_cpu
+  samtrain train --help                      # the training config groups and options
+  samtrain eval checkpoints=[outputs/train/runs/<run>/official.pth,sam_vit_b_01ec64.pth] variant=vit_b
+  samtrain eval data=coco data.val_dataset.annotation_file=... data.val_dataset.image_dir=...
+  samtrain eval --cfg job                    # print the composed eval config
+"""
+
+
+def config_dir() -> Path:
+    """The Hydra config folder: ``$SAMTRAIN_CONFIG_DIR``, else ``conf/`` beside the package."""
+    env = os.environ.get(CONFIG_DIR_ENV)
+    path = Path(env).expanduser() if env else Path(__file__).resolve().parents[1] / "conf"
+    missing = [name for name in COMMANDS if not (path / f"{name}.yaml").is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"samtrain: no Hydra configs {', '.join(f'{m}.yaml' for m in missing)} in {path}; "
+            f"run from a source checkout (pip install -e .) or set {CONFIG_DIR_ENV} to its conf/ folder"
+        )
+    return path.resolve()
+
+
+def _train(cfg: Any) -> float | None:
+    from samtrain.train import train
+
+    metrics = train(cfg)
+    return metrics.get(cfg.get("optimized_metric"))
+
+
+def _eval(cfg: Any) -> None:
+    from samtrain.eval import evaluate
+
+    evaluate(cfg)
+
+
+# Hydra names the job (hydra.job.name, the <run>/<job>.log file) after the task function's module:
+# these names make `samtrain train|eval` write train.log|eval.log, as `python train.py|eval.py` do.
+_train.__module__ = "samtrain.train"
+_eval.__module__ = "samtrain.eval"
+TASKS: dict[str, Callable[[Any], Any]] = {"train": _train, "eval": _eval}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="samtrain",
+        description="Train and evaluate Segment Anything (SAM) models (Hydra-configured).",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    commands = parser.add_subparsers(dest="command", metavar="command", required=True)
+    for name, summary in COMMANDS.items():
+        # No argparse help on the subcommands: `samtrain <command> --help` is Hydra's help.
+        commands.add_parser(name, help=summary, add_help=False)
+    return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("samtrain")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``samtrain`` console script; ``argv`` defaults to ``sys.argv[1:]``."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    # Only the subcommand is parsed here; the rest (overrides, Hydra flags) is Hydra's.
+    split = next((i for i, arg in enumerate(args) if not arg.startswith("-")), len(args))
+    namespace = parser.parse_args(args[: split + 1])
+    command, overrides = namespace.command, args[split + 1 :]
+    try:
+        conf = config_dir()
+    except FileNotFoundError as err:
+        print(err, file=sys.stderr)
+        return 2
+
+    import hydra
+
+    app = hydra.main(version_base="1.3", config_path=str(conf), config_name=command)(TASKS[command])
+    saved = sys.argv
+    sys.argv = [f"samtrain {command}", *overrides]  # hydra.main reads its arguments from sys.argv
+    try:
+        app()
+    finally:
+        sys.argv = saved
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
