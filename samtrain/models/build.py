@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 from samtrain.models.image_encoder import ENCODER_SPECS, PATCH_SIZE, build_image_encoder
+from samtrain.models.mae_transfer import init_encoder_from_mae
 from samtrain.models.mask_decoder import MaskDecoder
 from samtrain.models.prompt_encoder import PromptEncoder
 from samtrain.models.sam import Sam
@@ -23,12 +24,15 @@ def build_sam(
     checkpoint: str | Path | None = None,
     *,
     drop_path_rate: float = 0.0,
+    encoder_init: str | Path | None = None,
     strict: bool = True,
 ) -> Sam:
     """A SAM model of the given variant (vit_t | vit_b | vit_l | vit_h) at image_size.
 
     ``checkpoint`` may be an official ``sam_vit_*.pth``, an export of samtrain (``.pth`` or
     ``.safetensors``) or a Lightning checkpoint; weights made at another image size are resampled.
+    ``encoder_init`` initialises the image encoder from MAE weights (``pretrain_mae.py``'s
+    ``mae_encoder.safetensors`` or timm's MAE ViT); a full ``checkpoint`` still overrides it.
     """
     grid = image_size // PATCH_SIZE
     model = Sam(
@@ -49,6 +53,8 @@ def build_sam(
         image_size=image_size,
         variant=variant,
     )
+    if encoder_init is not None:
+        log.info("%s", init_encoder_from_mae(model, encoder_init))
     if checkpoint is not None:
         from samtrain.models.checkpoint import load_sam_checkpoint
 
