@@ -273,6 +273,8 @@ class SamModule(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         metrics = self.val_metrics.compute()  # gathers every rank's objects
+        if self._clicks_this_epoch < self.val_max_clicks:  # NoC and NoF need the whole curve
+            metrics = {k: v for k, v in metrics.items() if not k.startswith(("NoC", "NoF"))}
         # Identical on every rank already; sync_dist averages identical values (and keeps Lightning quiet).
         self.log_dict({f"val/{k}": v.float() for k, v in metrics.items()}, sync_dist=True)
 

@@ -10,7 +10,9 @@ import hydra
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.loggers import WandbLogger
 
+from samtrain.callbacks import log_wandb_artifact
 from samtrain.models import export_sam_checkpoint
 
 log = logging.getLogger(__name__)
@@ -68,7 +70,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
     results["after"] = scalar_metrics(trainer.validate(module, datamodule=datamodule, verbose=False)[0])
     if trainer.is_global_zero:
         write_outputs(cfg, module, trainer, results, output_dir)
+    finish_wandb(trainer)
     return results["after"]
+
+
+def finish_wandb(trainer: pl.Trainer) -> None:
+    """Close the run's wandb runs: an offline run's file is complete only then, and a later run in
+    the same process (multirun, tests) would otherwise log into this one."""
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.experiment.finish()
 
 
 def write_outputs(cfg: DictConfig, module, trainer: pl.Trainer, results: dict, output_dir: Path) -> None:
@@ -77,7 +88,11 @@ def write_outputs(cfg: DictConfig, module, trainer: pl.Trainer, results: dict, o
     lines = [f"Run directory: {output_dir}", f"Metrics: {output_dir / 'metrics.json'}"]
     if cfg.get("export"):
         path = export_sam_checkpoint(module.net, output_dir / "official.pth")
+        log_wandb_artifact(trainer.loggers, path, name="sam-official", aliases=["official"])
         lines.append(f"Official-format SAM checkpoint: {path}")
+    for name, label in (("gallery", "Prediction pictures"), ("curves.png", "Loss and metric curves")):
+        if (output_dir / name).exists():
+            lines.append(f"{label}: {output_dir / name}")
     checkpoint = trainer.checkpoint_callback
     if checkpoint is not None:
         lines.append(

@@ -173,3 +173,13 @@ def test_full_resolution_loss(tiny_cfg):
     assert torch.isfinite(full_loss)
     assert not torch.isclose(low_loss, full_loss)  # computed on another grid
     assert full.net.mask_decoder.iou_token.weight.grad is not None
+
+
+def test_cheap_validation_epochs_report_no_click_counts(tiny_cfg):
+    """Epochs that validate the first click only must not report NoC/NoF from a 1-click curve."""
+    from samtrain.train import train
+
+    cfg = tiny_cfg("trainer.max_epochs=3", "model.val_full_curve_every=0", "validate_before=false")
+    metrics = train(cfg)
+    assert "val/mIoU@1" in metrics and "val/box_mIoU" in metrics
+    assert not any(k.startswith(("val/NoC", "val/NoF")) for k in metrics)
