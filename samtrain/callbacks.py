@@ -32,8 +32,7 @@ from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 from pytorch_lightning.trainer.states import TrainerFn
 
 from samtrain import visualize as vis
-from samtrain.evaluation import input_regions, logits_to_masks, masks_iou
-from samtrain.prompts import masks_to_boxes, sample_error_points
+from samtrain.evaluation import box_prediction, input_regions, masks_iou, trace_clicks
 
 __all__ = [
     "MetricCurves",
@@ -46,7 +45,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SINGLE_MASK_OUTPUT = 0
 MASK_CLASSES = {0: "background", 1: "object"}
 
 
@@ -84,45 +82,18 @@ def trace_interaction(
         ``(x, y)``, ``"click_labels"`` ``(N, K) int64`` (1 positive, 0 negative), ``"click_masks"``
         ``(N, K, S, S) bool`` (index k-1: after k clicks), ``"click_ious"`` ``(N, K) float32``.
     """
-    if num_clicks < 1:
-        raise ValueError(f"num_clicks must be >= 1, got {num_clicks}")
-    device = gt_masks.device
-    regions = input_regions(input_sizes.to(device), model.image_size)[image_indices.to(device)]
-    gt = gt_masks.bool() & regions
-    n = gt.shape[0]
-
-    boxes = masks_to_boxes(gt)
-    logits, _ = model.decode_masks(image_embeddings, boxes=boxes, image_indices=image_indices)
-    box_masks = logits_to_masks(logits[:, SINGLE_MASK_OUTPUT : SINGLE_MASK_OUTPUT + 1], regions)
-
-    pred = torch.zeros_like(gt)
-    coords = gt.new_zeros((n, 0, 2), dtype=torch.float32)
-    labels = gt.new_zeros((n, 0), dtype=torch.int64)
-    mask_inputs, masks, ious = None, [], []
-    rows = torch.arange(n, device=device)
-    for click in range(num_clicks):
-        # The padding counts as object in both masks: no click lands there (as in click_curve).
-        point, label = sample_error_points(gt | ~regions, pred | ~regions, method="center")
-        coords, labels = torch.cat((coords, point), dim=1), torch.cat((labels, label), dim=1)
-        logits, iou_pred = model.decode_masks(
-            image_embeddings, points=(coords, labels), mask_inputs=mask_inputs, image_indices=image_indices
-        )
-        if click == 0:
-            best = iou_pred[:, 1:].argmax(dim=1) + 1
-            mask_inputs = logits[rows, best][:, None]
-        else:
-            mask_inputs = logits[:, SINGLE_MASK_OUTPUT : SINGLE_MASK_OUTPUT + 1]
-        pred = logits_to_masks(mask_inputs, regions)
-        masks.append(pred)
-        ious.append(masks_iou(pred, gt))
+    kwargs = dict(image_indices=image_indices, input_sizes=input_sizes)
+    clicks = trace_clicks(model, image_embeddings, gt_masks, max_clicks=num_clicks, keep_masks=True, **kwargs)
+    boxes, box_masks, _ = box_prediction(model, image_embeddings, gt_masks, **kwargs)
+    gt = gt_masks.bool() & input_regions(input_sizes.to(gt_masks.device), model.image_size)[image_indices]
     return {
-        "boxes": boxes.float(),
+        "boxes": boxes,
         "box_masks": box_masks,
         "box_ious": masks_iou(box_masks, gt),
-        "click_coords": coords,
-        "click_labels": labels,
-        "click_masks": torch.stack(masks, dim=1),
-        "click_ious": torch.stack(ious, dim=1),
+        "click_coords": clicks.coords,
+        "click_labels": clicks.labels,
+        "click_masks": clicks.masks,
+        "click_ious": clicks.ious,
     }
 
 

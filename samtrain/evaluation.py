@@ -20,6 +20,7 @@ The model is anything with ``image_size`` and ``decode_masks`` (see :class:`samt
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,7 +28,17 @@ import torch.nn.functional as F
 
 from samtrain.prompts import masks_to_boxes, sample_error_points
 
-__all__ = ["box_iou", "click_curve", "evaluate_batch", "input_regions", "logits_to_masks", "masks_iou"]
+__all__ = [
+    "ClickTrace",
+    "box_iou",
+    "box_prediction",
+    "click_curve",
+    "evaluate_batch",
+    "input_regions",
+    "logits_to_masks",
+    "masks_iou",
+    "trace_clicks",
+]
 
 SINGLE_MASK_OUTPUT = 0
 
@@ -112,8 +123,19 @@ def _centre_click(
     return sample_error_points(gt | ~regions, pred | ~regions, method="center")
 
 
+@dataclass
+class ClickTrace:
+    """What happened in the click protocol, per mask and click (index k-1: after k clicks)."""
+
+    ious: torch.Tensor  # (N, K) float32
+    first_pred_iou: torch.Tensor  # (N,) float32, the IoU head's value for the first click's choice
+    coords: torch.Tensor  # (N, K, 2) float32 (x, y)
+    labels: torch.Tensor  # (N, K) int64, 1 positive, 0 negative
+    masks: torch.Tensor | None  # (N, K, S, S) bool when asked for
+
+
 @torch.no_grad()
-def click_curve(
+def trace_clicks(
     model: Any,
     image_embeddings: torch.Tensor,
     gt_masks: torch.Tensor,
@@ -121,8 +143,9 @@ def click_curve(
     image_indices: torch.Tensor,
     input_sizes: torch.Tensor,
     max_clicks: int = 20,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """IoU after each click of the RITM click protocol (see the module docstring).
+    keep_masks: bool = False,
+) -> ClickTrace:
+    """The RITM click protocol (see the module docstring), all masks of a batch at once.
 
     Args:
         model: ``Sam`` (or any object with ``image_size`` and ``decode_masks``).
@@ -131,10 +154,7 @@ def click_curve(
         image_indices: ``(N,) int64`` the image of each mask.
         input_sizes: ``(B, 2) int64`` ``(h, w)`` of each image's unpadded region.
         max_clicks: K.
-
-    Returns:
-        ious ``(N, K) float32`` (column k-1: after k clicks) and pred_ious ``(N,) float32``, the
-        IoU head's prediction for the output chosen at the first click.
+        keep_masks: also return every prediction (memory: N x K x S x S bools; for pictures).
     """
     if max_clicks < 1:
         raise ValueError(f"max_clicks must be >= 1, got {max_clicks}")
@@ -143,7 +163,7 @@ def click_curve(
     pred = torch.zeros_like(gt)
     coords = gt.new_zeros((n, 0, 2), dtype=torch.float32)
     labels = gt.new_zeros((n, 0), dtype=torch.int64)
-    mask_inputs, first_pred_iou, ious = None, None, []
+    mask_inputs, first_pred_iou, ious, masks = None, None, [], []
     for click in range(max_clicks):
         point, label = _centre_click(gt, pred, regions)
         coords, labels = torch.cat((coords, point), dim=1), torch.cat((labels, label), dim=1)
@@ -156,10 +176,62 @@ def click_curve(
             mask_inputs = logits[:, SINGLE_MASK_OUTPUT : SINGLE_MASK_OUTPUT + 1]
         pred = logits_to_masks(mask_inputs, regions)
         ious.append(masks_iou(pred, gt))
-    return torch.stack(ious, dim=1), first_pred_iou.float()
+        if keep_masks:
+            masks.append(pred)
+    return ClickTrace(
+        ious=torch.stack(ious, dim=1),
+        first_pred_iou=first_pred_iou.float(),
+        coords=coords,
+        labels=labels,
+        masks=torch.stack(masks, dim=1) if keep_masks else None,
+    )
+
+
+def click_curve(
+    model: Any,
+    image_embeddings: torch.Tensor,
+    gt_masks: torch.Tensor,
+    *,
+    image_indices: torch.Tensor,
+    input_sizes: torch.Tensor,
+    max_clicks: int = 20,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """IoU after each click of the RITM click protocol: ious ``(N, K) float32`` (column k-1: after
+    k clicks) and pred_ious ``(N,) float32``, the IoU head's prediction for the output chosen at the
+    first click. Arguments as :func:`trace_clicks`."""
+    trace = trace_clicks(
+        model,
+        image_embeddings,
+        gt_masks,
+        image_indices=image_indices,
+        input_sizes=input_sizes,
+        max_clicks=max_clicks,
+    )
+    return trace.ious, trace.first_pred_iou
 
 
 @torch.no_grad()
+def box_prediction(
+    model: Any,
+    image_embeddings: torch.Tensor,
+    gt_masks: torch.Tensor,
+    *,
+    image_indices: torch.Tensor,
+    input_sizes: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The single-mask output prompted with each GT mask's tight box (xyxy, inclusive pixel
+    extremes, x = column, in the model input frame).
+
+    Returns:
+        boxes ``(N, 4) float32``, masks ``(N, S, S) bool`` and the IoU head's predictions ``(N,)``.
+    """
+    regions, gt = _prepare(model, gt_masks, image_indices, input_sizes)
+    boxes = masks_to_boxes(gt).float()
+    logits, iou_pred = model.decode_masks(image_embeddings, boxes=boxes, image_indices=image_indices)
+    pred = logits_to_masks(logits[:, SINGLE_MASK_OUTPUT : SINGLE_MASK_OUTPUT + 1], regions)
+    return boxes, pred, iou_pred[:, SINGLE_MASK_OUTPUT].float()
+
+
 def box_iou(
     model: Any,
     image_embeddings: torch.Tensor,
@@ -168,21 +240,13 @@ def box_iou(
     image_indices: torch.Tensor,
     input_sizes: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """IoU of the single-mask output prompted with each GT mask's tight box.
-
-    The box is xyxy with inclusive pixel extremes (x = column, y = row), in the model input frame.
-
-    Args: as :func:`click_curve`.
-
-    Returns:
-        ious ``(N,) float32`` and pred_ious ``(N,) float32`` (the IoU head's prediction).
-    """
-    regions, gt = _prepare(model, gt_masks, image_indices, input_sizes)
-    logits, iou_pred = model.decode_masks(
-        image_embeddings, boxes=masks_to_boxes(gt), image_indices=image_indices
+    """IoU of the box-prompted prediction ``(N,) float32`` and the IoU head's prediction ``(N,)``.
+    Arguments as :func:`click_curve`."""
+    _, pred, pred_ious = box_prediction(
+        model, image_embeddings, gt_masks, image_indices=image_indices, input_sizes=input_sizes
     )
-    pred = logits_to_masks(logits[:, SINGLE_MASK_OUTPUT : SINGLE_MASK_OUTPUT + 1], regions)
-    return masks_iou(pred, gt), iou_pred[:, SINGLE_MASK_OUTPUT].float()
+    _, gt = _prepare(model, gt_masks, image_indices, input_sizes)
+    return masks_iou(pred, gt), pred_ious
 
 
 @torch.no_grad()
