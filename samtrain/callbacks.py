@@ -37,6 +37,7 @@ from samtrain.evaluation import box_prediction, input_regions, masks_iou, trace_
 __all__ = [
     "MetricCurves",
     "PredictionGallery",
+    "SkippedSamplesBudget",
     "WandbCheckpointArtifact",
     "log_wandb_artifact",
     "read_metrics_csv",
@@ -245,6 +246,8 @@ class PredictionGallery(pl.Callback):
 
     def collect(self, batch: dict) -> None:
         """Keep the images of ``batch`` that have masks, on the CPU, until there are ``num_images``."""
+        if "image" not in batch:  # every sample was unreadable
+            return
         for b in range(batch["image"].shape[0]):
             if len(self.samples) >= self.num_images:
                 return
@@ -519,6 +522,40 @@ def _ema(values: Sequence[float], alpha: float = 0.1) -> list[float]:
 
 # ----------------------------------------------------------------------------------------------------------
 # checkpoint artifact
+
+
+class SkippedSamplesBudget(pl.Callback):
+    """Adds up the samples the loaders could not read (``batch["num_skipped"]``), logs the totals
+    (``data/skipped_train``, ``data/skipped_val``) and stops the run with a clear error once more
+    than ``max_skipped`` training samples failed. Each skipped file and its reason is in the log."""
+
+    def __init__(self, *, max_skipped: int = 100) -> None:
+        self.max_skipped = max_skipped
+        self.skipped = {"train": 0, "val": 0}
+
+    def _count(self, pl_module: pl.LightningModule, batch: dict, stage: str) -> None:
+        skipped = int(batch.get("num_skipped", 0))
+        if not skipped:
+            return
+        self.skipped[stage] += skipped
+        pl_module.log(f"data/skipped_{stage}", float(self.skipped[stage]), reduce_fx="max")
+        if stage == "train" and self.skipped[stage] > self.max_skipped:
+            raise RuntimeError(
+                f"{self.skipped[stage]} training samples could not be read, more than the budget of "
+                f"{self.max_skipped} (callbacks.skipped_samples.max_skipped); the log names each file and reason"
+            )
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._count(pl_module, batch, "train")
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self._count(pl_module, batch, "val")
+
+    def state_dict(self) -> dict:
+        return dict(self.skipped)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.skipped.update(state_dict)
 
 
 class WandbCheckpointArtifact(pl.Callback):

@@ -135,7 +135,7 @@ def evaluate_model(
 
     Returns:
         ``"metrics"`` (InteractiveMetrics' values as floats), ``"miou_curve"`` (``max_clicks``
-        floats: mean IoU over objects after clicks 1..K), ``"num_objects"``, ``"num_images"``,
+        floats: mean IoU over objects after clicks 1..K), ``"num_objects"``, ``"num_images"``, ``"num_skipped"``,
         ``"seconds"``.
     """
     from tqdm import tqdm
@@ -146,7 +146,7 @@ def evaluate_model(
         nof_thresholds=nof_thresholds,
     )
     curve_sum = torch.zeros(max_clicks, dtype=torch.float64)
-    num_objects = num_images = 0
+    num_objects = num_images = num_skipped = 0
     total = len(batches) if hasattr(batches, "__len__") else None
     if limit_batches is not None:
         total = limit_batches if total is None else min(total, limit_batches)
@@ -157,8 +157,9 @@ def evaluate_model(
             if total is not None and index >= total:
                 break
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            num_images += int(batch["image"].shape[0])
-            if batch["masks"].shape[0] > 0:  # images without objects add nothing
+            num_skipped += batch.get("num_skipped", 0)  # unreadable samples: logged with their files
+            num_images += int(batch["image"].shape[0]) if "image" in batch else 0
+            if "image" in batch and batch["masks"].shape[0] > 0:  # images without objects add nothing
                 out = {
                     k: v.float().cpu() for k, v in evaluate_batch(model, batch, max_clicks=max_clicks).items()
                 }
@@ -176,6 +177,7 @@ def evaluate_model(
         "miou_curve": (curve_sum / num_objects).tolist(),
         "num_objects": num_objects,
         "num_images": num_images,
+        "num_skipped": num_skipped,
         "seconds": round(time.perf_counter() - start, 3),
     }
 

@@ -244,7 +244,9 @@ class SamModule(pl.LightningModule):
             return result.true_iou.new_zeros(())
         return result.true_iou.gather(1, result.chosen[:, None]).mean()
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+        if "image" not in batch:  # every sample of the batch was unreadable (skipped and counted)
+            return None
         loss, logs = self.interactive_loss(batch)
         batch_size = batch["image"].shape[0]
         loss_value = logs.pop("loss")
@@ -268,6 +270,8 @@ class SamModule(pl.LightningModule):
         self._clicks_this_epoch = self.val_clicks()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
+        if "image" not in batch:
+            return
         out = evaluate_batch(self.net, batch, max_clicks=self._clicks_this_epoch)
         self.val_metrics.update(out["ious"], box_ious=out["box_ious"], pred_ious=out["pred_ious"])
 

@@ -87,7 +87,8 @@ def test_datamodule_over_sample_data_yields_batches():
 def assert_same_batch(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for key in a:
-        assert torch.equal(a[key], b[key]), key
+        same = torch.equal(a[key], b[key]) if torch.is_tensor(a[key]) else a[key] == b[key]
+        assert same, key
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])

@@ -14,6 +14,7 @@ _EXPORTS = {
     "decode_segmentations": "samtrain.data.coco",
     "read_rgb_image": "samtrain.data.coco",
     "SampleError": "samtrain.data.errors",
+    "SkipBadSamples": "samtrain.data.errors",
     "SamTransform": "samtrain.data.transforms",
     "SamResizeCrop": "samtrain.data.transforms",
     "sam_resize_shape": "samtrain.data.transforms",
@@ -31,6 +32,7 @@ __all__ = [
     "SamResizeCrop",
     "SamTransform",
     "SampleError",
+    "SkipBadSamples",
     "collate_sam_batch",
     "decode_segmentations",
     "read_rgb_image",
@@ -41,7 +43,7 @@ if TYPE_CHECKING:
     from samtrain.data.coco import CocoInstanceDataset, decode_segmentations, read_rgb_image
     from samtrain.data.collate import collate_sam_batch
     from samtrain.data.datamodule import SamDataModule
-    from samtrain.data.errors import SampleError
+    from samtrain.data.errors import SampleError, SkipBadSamples
     from samtrain.data.transforms import (
         SAM_PIXEL_MEAN,
         SAM_PIXEL_STD,

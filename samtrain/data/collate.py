@@ -7,8 +7,11 @@ from collections.abc import Sequence
 import torch
 
 
-def collate_sam_batch(samples: Sequence[dict]) -> dict[str, torch.Tensor]:
+def collate_sam_batch(samples: Sequence[dict | None]) -> dict:
     """Batch samples of the SAM sample contract (see ``samtrain.data.transforms``).
+
+    None entries (samples that could not be read, see ``SkipBadSamples``) are dropped and counted;
+    a batch whose samples all failed holds only ``"num_skipped"``.
 
     Returns:
         "image":            float32 (B, 3, S, S)
@@ -17,9 +20,14 @@ def collate_sam_batch(samples: Sequence[dict]) -> dict[str, torch.Tensor]:
         "input_size":       int64 (B, 2)
         "original_size":    int64 (B, 2)
         "image_id":         int64 (B,)
+        "num_skipped":      int, the samples of this batch that could not be read
     """
     if len(samples) == 0:
         raise ValueError("collate_sam_batch got an empty list of samples")
+    num_skipped = sum(s is None for s in samples)
+    samples = [s for s in samples if s is not None]
+    if not samples:
+        return {"num_skipped": num_skipped}
     sizes = {tuple(s["image"].shape) for s in samples}
     if len(sizes) != 1:
         raise ValueError(f"collate_sam_batch: samples have different image shapes {sorted(sizes)}")
@@ -33,4 +41,5 @@ def collate_sam_batch(samples: Sequence[dict]) -> dict[str, torch.Tensor]:
             [torch.as_tensor(s["original_size"], dtype=torch.int64) for s in samples]
         ),
         "image_id": torch.tensor([int(s["image_id"]) for s in samples], dtype=torch.int64),
+        "num_skipped": num_skipped,  # a Python int: reading it costs no device sync
     }

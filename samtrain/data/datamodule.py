@@ -8,25 +8,27 @@ from torch.utils.data import Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from samtrain.data.collate import collate_sam_batch
+from samtrain.data.errors import SkipBadSamples
 
 
 class SamDataModule(LightningDataModule):
     """Train/val/test loaders for SAM training.
 
-    Loaders are torchdata ``StatefulDataLoader``s, so a run resumed from a checkpoint continues
-    mid-epoch (sampler position, shuffle generator and, for datasets with ``state_dict``, the
-    augmentation RNG). Training data is shuffled by a generator seeded from ``seed`` (default:
-    ``torch.initial_seed()``, i.e. the run seed after ``seed_everything``) mixed with the global
-    rank; the same generator seeds the DataLoader workers. Batches come from ``collate_sam_batch``.
+        Loaders are torchdata ``StatefulDataLoader``s, so a run resumed from a checkpoint continues
+        mid-epoch (sampler position, shuffle generator and, for datasets with ``state_dict``, the
+        augmentation RNG). Training data is shuffled by a generator seeded from ``seed`` (default:
+        ``torch.initial_seed()``, i.e. the run seed after ``seed_everything``) mixed with the global
+        rank; the same generator seeds the DataLoader workers. Batches come from ``collate_sam_batch``;
+    samples that cannot be read are skipped and counted (``SkipBadSamples``), never fatal.
 
-    Args:
-        train_dataset, val_dataset, test_dataset: map-style datasets returning SAM samples.
-        batch_size: images per training batch.
-        val_batch_size: images per val/test batch (default: ``batch_size``).
-        num_workers: DataLoader worker processes.
-        pin_memory: pin batches in page-locked memory.
-        persistent_workers: keep workers alive between epochs (default: when ``num_workers > 0``).
-        seed: shuffle seed (None: ``torch.initial_seed()`` when the loader is built).
+        Args:
+            train_dataset, val_dataset, test_dataset: map-style datasets returning SAM samples.
+            batch_size: images per training batch.
+            val_batch_size: images per val/test batch (default: ``batch_size``).
+            num_workers: DataLoader worker processes.
+            pin_memory: pin batches in page-locked memory.
+            persistent_workers: keep workers alive between epochs (default: when ``num_workers > 0``).
+            seed: shuffle seed (None: ``torch.initial_seed()`` when the loader is built).
     """
 
     def __init__(
@@ -66,7 +68,7 @@ class SamDataModule(LightningDataModule):
             raise ValueError(f"SamDataModule has no {name}_dataset; pass {name}_dataset= to use this loader")
         workers = self.num_workers > 0
         return StatefulDataLoader(
-            dataset,
+            SkipBadSamples(dataset),
             batch_size=self.batch_size if train else self.val_batch_size,
             shuffle=train,
             generator=self._generator(),

@@ -1,0 +1,110 @@
+"""Unreadable samples are skipped, named in the log and counted; past a budget the run stops."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+import pytest
+import torch
+
+from samtrain.callbacks import SkippedSamplesBudget
+from samtrain.data import SampleError, SkipBadSamples, collate_sam_batch
+from samtrain.train import train
+from tests.conftest import ROOT
+
+
+def sample(k: int) -> dict:
+    return {
+        "image": torch.zeros(3, 8, 8),
+        "masks": torch.ones(k, 8, 8, dtype=torch.bool),
+        "input_size": (8, 8),
+        "original_size": (8, 8),
+        "image_id": k,
+    }
+
+
+class HalfBroken(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        if index % 2:
+            raise SampleError(f"images/{index}.jpg", "image file is truncated")
+        return sample(index + 1)
+
+
+def test_bad_samples_become_none_and_are_named(caplog):
+    dataset = SkipBadSamples(HalfBroken())
+    with caplog.at_level(logging.WARNING):
+        items = [dataset[i] for i in range(4)]
+    assert [item is None for item in items] == [False, True, False, True]
+    assert "images/1.jpg: image file is truncated" in caplog.text
+
+
+def test_bugs_are_not_swallowed():
+    class Buggy(torch.utils.data.Dataset):
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, index):
+            raise KeyError("a bug, not bad data")
+
+    with pytest.raises(KeyError):
+        SkipBadSamples(Buggy())[0]
+
+
+def test_collate_drops_and_counts():
+    batch = collate_sam_batch([sample(2), None, sample(1)])
+    assert batch["image"].shape[0] == 2 and batch["num_skipped"] == 1
+    assert batch["mask_image_index"].tolist() == [0, 0, 1]
+    assert collate_sam_batch([None, None]) == {"num_skipped": 2}
+
+
+def test_budget_stops_the_run_with_a_clear_error():
+    class Module:
+        def log(self, *args, **kwargs):
+            pass
+
+    budget = SkippedSamplesBudget(max_skipped=2)
+    budget.on_train_batch_start(None, Module(), {"num_skipped": 2}, 0)
+    with pytest.raises(RuntimeError, match=r"3 training samples could not be read.*budget of 2"):
+        budget.on_train_batch_start(None, Module(), {"num_skipped": 1}, 1)
+
+
+@pytest.fixture
+def damaged_sample_data(tmp_path):
+    """A copy of the sample train split with one corrupt and one missing image."""
+    root = tmp_path / "damaged"
+    shutil.copytree(ROOT / "data" / "sample" / "train", root)
+    images = json.loads((root / "annotations.json").read_text())["images"]
+    (root / images[0]["file_name"]).write_bytes(b"\xff\xd8 not really a jpeg")
+    (root / images[1]["file_name"]).unlink()
+    return root
+
+
+def test_training_survives_bad_files(tiny_cfg, damaged_sample_data, tmp_path):
+    overrides = [
+        f"data.train_dataset.annotation_file={damaged_sample_data / 'annotations.json'}",
+        f"data.train_dataset.image_dir={damaged_sample_data}",
+        "trainer.limit_train_batches=1.0",  # the whole epoch meets both broken files
+        "validate_before=false",
+    ]
+    train(tiny_cfg(*overrides))
+    rows = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()
+    column = rows[0].split(",").index("data/skipped_train")
+    counts = [float(r.split(",")[column]) for r in rows[1:] if r.split(",")[column]]
+    assert max(counts) == 2
+
+
+def test_training_stops_past_the_budget(tiny_cfg, damaged_sample_data):
+    cfg = tiny_cfg(
+        f"data.train_dataset.annotation_file={damaged_sample_data / 'annotations.json'}",
+        f"data.train_dataset.image_dir={damaged_sample_data}",
+        "callbacks.skipped_samples.max_skipped=0",
+        "trainer.limit_train_batches=24",
+        "validate_before=false",
+    )
+    with pytest.raises(RuntimeError, match="could not be read"):
+        train(cfg)
