@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from google.protobuf.message import DecodeError
 from PIL import Image
 
 from samtrain.train import train
@@ -25,7 +27,7 @@ def read_wandb_records(path: Path) -> Iterator[wandb_internal_pb2.Record]:
 
     The file: a 7-byte header (":W&B", magic 0xBEE1, version), then 32 KiB blocks of chunks, each
     a 7-byte header (crc32, length, type) and data; a record is one FULL chunk or FIRST, MIDDLE...,
-    LAST; block tails shorter than a chunk header are zero padding.
+    LAST; block tails are zero padding (always when shorter than a chunk header; also after a flush).
     """
     data = path.read_bytes()
     ident, magic, _ = struct.unpack("<4sHB", data[:7])
@@ -36,8 +38,9 @@ def read_wandb_records(path: Path) -> Iterator[wandb_internal_pb2.Record]:
             pos += BLOCK - pos % BLOCK
             continue
         _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
-        if kind == 0:
-            break
+        if kind == 0:  # zero padding to the end of the block (a flush mid-block); records go on after it
+            pos += BLOCK - pos % BLOCK
+            continue
         pending += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (FULL, LAST):
@@ -45,6 +48,21 @@ def read_wandb_records(path: Path) -> Iterator[wandb_internal_pb2.Record]:
             record.ParseFromString(pending)
             pending = b""
             yield record
+
+
+def finished_run_records(path: Path, timeout: float = 60.0) -> list[wandb_internal_pb2.Record]:
+    """The records of an offline run once its writer is done: ``finish()`` can return before the
+    wandb-core service has written the log's tail (seen under load), so wait for the closing
+    "exit" record, re-reading a half-written tail."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            records = list(read_wandb_records(path))
+        except DecodeError:  # a record still being written
+            records = []
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
 
 
 @pytest.fixture
@@ -65,7 +83,8 @@ def test_offline_wandb_run(tiny_cfg, tmp_path, wandb_env):
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, f"expected one offline run in {tmp_path / 'wandb'}, found {runs}"
     run = runs[0]
-    records = list(read_wandb_records(next(run.glob("run-*.wandb"))))
+    records = finished_run_records(next(run.glob("run-*.wandb")))
+    assert records[-1].WhichOneof("record_type") == "exit", "the offline run never finished writing"
 
     history: dict[str, list] = {}  # metric -> its values; media: key -> {field: value} of the last log
     media: dict[str, dict] = {}
@@ -95,7 +114,7 @@ def test_offline_wandb_run(tiny_cfg, tmp_path, wandb_env):
     assert config["model"]["net"]["image_size"] == 64
     assert config["trainer"]["max_epochs"] == 1 and "paths" in config
     # Pictures: the gallery (with masks), its grid, the curves; as PNGs inside the run folder.
-    assert {"val/gallery", "val/gallery_grid", "curves"} <= set(media)
+    assert {"val/gallery", "val/gallery_grid", "curves"} <= set(media), sorted(media)
     gallery = media["val/gallery"]
     assert len(gallery["filenames"]) == 4  # 2 images x 2 objects in the tiny run
     assert [set(m) for m in gallery["all_masks"]] == [{"ground_truth", "prediction"}] * 4
