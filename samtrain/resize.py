@@ -1,15 +1,20 @@
-"""SAM's resize-longest-side geometry for images, points and boxes (host side, numpy)."""
+"""SAM's preprocessing on the host: the resize-longest-side rule for images, points and boxes,
+and the pixel normalisation constants (0-255 RGB)."""
 
 from __future__ import annotations
 
 import numpy as np
 from PIL import Image
 
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_STD = (58.395, 57.12, 57.375)
 
-def preprocess_shape(height: int, width: int, long_side: int) -> tuple[int, int]:
-    """(h, w) after scaling the longest side to long_side, rounded as SAM does."""
+
+def preprocess_shape(height: int, width: int, long_side: float) -> tuple[int, int]:
+    """(h, w) after scaling the longest side to long_side: each side becomes ``int(x * scale + 0.5)``
+    as in SAM (not round()), and never 0."""
     scale = long_side * 1.0 / max(height, width)
-    return int(height * scale + 0.5), int(width * scale + 0.5)
+    return max(int(height * scale + 0.5), 1), max(int(width * scale + 0.5), 1)
 
 
 def resize_image(image: np.ndarray, long_side: int) -> np.ndarray:

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
+from samtrain.resize import PIXEL_MEAN, PIXEL_STD
+
 __all__ = [
     "BACKGROUND_COLOR",
     "BOX_COLOR",
@@ -31,8 +33,6 @@ __all__ = [
     "unnormalize_image",
 ]
 
-PIXEL_MEAN = (123.675, 116.28, 103.53)
-PIXEL_STD = (58.395, 57.12, 57.375)
 
 POSITIVE_COLOR = (0, 220, 0)  # green: a click on the object
 NEGATIVE_COLOR = (230, 0, 0)  # red: a click on the background

@@ -24,14 +24,12 @@ import torch
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import albumentations as A
 
-SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
-SAM_PIXEL_STD = (58.395, 57.12, 57.375)
-
-
-def sam_resize_shape(height: int, width: int, long_side: float) -> tuple[int, int]:
-    """SAM's ``ResizeLongestSide.get_preprocess_shape``: each side becomes ``int(x * scale + 0.5)``."""
-    scale = long_side * 1.0 / max(height, width)
-    return max(int(height * scale + 0.5), 1), max(int(width * scale + 0.5), 1)
+# The data package's names for SAM's preprocessing, defined once in samtrain.resize.
+from samtrain.resize import (
+    PIXEL_MEAN as SAM_PIXEL_MEAN,
+    PIXEL_STD as SAM_PIXEL_STD,
+    preprocess_shape as sam_resize_shape,
+)
 
 
 def nearest_indices(src: int, dst: int, start: int, length: int) -> np.ndarray:

@@ -10,9 +10,7 @@ from torch import nn
 
 from samtrain.models.mask_decoder import MaskDecoder
 from samtrain.models.prompt_encoder import PromptEncoder
-
-PIXEL_MEAN = (123.675, 116.28, 103.53)
-PIXEL_STD = (58.395, 57.12, 57.375)
+from samtrain.resize import PIXEL_MEAN, PIXEL_STD
 
 
 class Sam(nn.Module):
