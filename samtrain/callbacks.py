@@ -32,7 +32,7 @@ from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 from pytorch_lightning.trainer.states import TrainerFn
 
 from samtrain import visualize as vis
-from samtrain.evaluation import box_prediction, input_regions, masks_iou, trace_clicks
+from samtrain.evaluation import box_prediction, trace_clicks
 
 __all__ = [
     "MetricCurves",
@@ -85,12 +85,11 @@ def trace_interaction(
     """
     kwargs = dict(image_indices=image_indices, input_sizes=input_sizes)
     clicks = trace_clicks(model, image_embeddings, gt_masks, max_clicks=num_clicks, keep_masks=True, **kwargs)
-    boxes, box_masks, _ = box_prediction(model, image_embeddings, gt_masks, **kwargs)
-    gt = gt_masks.bool() & input_regions(input_sizes.to(gt_masks.device), model.image_size)[image_indices]
+    boxes, box_masks, box_ious, _ = box_prediction(model, image_embeddings, gt_masks, **kwargs)
     return {
         "boxes": boxes,
         "box_masks": box_masks,
-        "box_ious": masks_iou(box_masks, gt),
+        "box_ious": box_ious,
         "click_coords": clicks.coords,
         "click_labels": clicks.labels,
         "click_masks": clicks.masks,

@@ -218,18 +218,19 @@ def box_prediction(
     *,
     image_indices: torch.Tensor,
     input_sizes: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The single-mask output prompted with each GT mask's tight box (xyxy, inclusive pixel
     extremes, x = column, in the model input frame).
 
     Returns:
-        boxes ``(N, 4) float32``, masks ``(N, S, S) bool`` and the IoU head's predictions ``(N,)``.
+        boxes ``(N, 4) float32``, masks ``(N, S, S) bool``, their IoU with the ground truth ``(N,)``
+        and the IoU head's predictions ``(N,)``.
     """
     regions, gt = _prepare(model, gt_masks, image_indices, input_sizes)
     boxes = masks_to_boxes(gt).float()
     logits, iou_pred = model.decode_masks(image_embeddings, boxes=boxes, image_indices=image_indices)
     pred = logits_to_masks(logits[:, SINGLE_MASK_OUTPUT : SINGLE_MASK_OUTPUT + 1], regions)
-    return boxes, pred, iou_pred[:, SINGLE_MASK_OUTPUT].float()
+    return boxes, pred, masks_iou(pred, gt), iou_pred[:, SINGLE_MASK_OUTPUT].float()
 
 
 def box_iou(
@@ -242,11 +243,10 @@ def box_iou(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """IoU of the box-prompted prediction ``(N,) float32`` and the IoU head's prediction ``(N,)``.
     Arguments as :func:`click_curve`."""
-    _, pred, pred_ious = box_prediction(
+    _, _, ious, pred_ious = box_prediction(
         model, image_embeddings, gt_masks, image_indices=image_indices, input_sizes=input_sizes
     )
-    _, gt = _prepare(model, gt_masks, image_indices, input_sizes)
-    return masks_iou(pred, gt), pred_ious
+    return ious, pred_ious
 
 
 @torch.no_grad()

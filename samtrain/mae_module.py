@@ -15,15 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.optim.lr_scheduler import LambdaLR
 
 from samtrain.data.image_folder import IMAGENET_MEAN, IMAGENET_STD
 from samtrain.models.mae import MaskedAutoencoder
-from samtrain.optim import warmup_cosine
+from samtrain.optim import build_scheduler, no_weight_decay
 
 log = logging.getLogger(__name__)
-
-NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token", "dist_token", "reg_token")
 
 
 def mae_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -33,7 +30,7 @@ def mae_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if param.ndim <= 1 or any(key in name for key in NO_DECAY_NAMES):
+        if no_weight_decay(name, param):
             no_decay.append(param)
         else:
             decay.append(param)
@@ -184,6 +181,7 @@ class MaeModule(pl.LightningModule):
             mae_param_groups(self.net, hp.weight_decay), lr=lr, betas=tuple(hp.betas)
         )
         warmup = hp.warmup_steps if hp.warmup_steps is not None else round(hp.warmup_fraction * total)
-        warmup = max(1, min(warmup, total // 10))  # short runs still train
-        scheduler = LambdaLR(optimizer, warmup_cosine(warmup, total, hp.min_lr_ratio))
+        scheduler = build_scheduler(
+            optimizer, total_steps=total, kind="cosine", warmup_steps=warmup, min_ratio=hp.min_lr_ratio
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

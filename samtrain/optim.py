@@ -15,7 +15,8 @@ from torch.optim.lr_scheduler import LambdaLR
 NO_DECAY_NAMES = ("pos_embed", "rel_pos_h", "rel_pos_w", "token", "point_embed", "no_mask_embed")
 
 
-def _no_decay(name: str, param: nn.Parameter) -> bool:
+def no_weight_decay(name: str, param: nn.Parameter) -> bool:
+    """Whether a parameter takes no weight decay: 1-d tensors, positions, relative tables, tokens."""
     return param.ndim <= 1 or any(key in name for key in NO_DECAY_NAMES)
 
 
@@ -31,7 +32,7 @@ def sam_param_groups(
     groups: list[dict] = []
     encoder = model.image_encoder
     if layer_decay is not None and any(p.requires_grad for p in encoder.parameters()):
-        no_decay = [n for n, p in encoder.named_parameters() if _no_decay(n, p)]
+        no_decay = [n for n, p in encoder.named_parameters() if no_weight_decay(n, p)]
         for group in param_groups_layer_decay(
             encoder, weight_decay=weight_decay, no_weight_decay_list=no_decay, layer_decay=layer_decay
         ):
@@ -43,8 +44,8 @@ def sam_param_groups(
         rest = [(n, p) for n, p in model.named_parameters() if not n.startswith("image_encoder.")]
     else:
         rest = list(model.named_parameters())
-    decay = [p for n, p in rest if p.requires_grad and not _no_decay(n, p)]
-    no_decay = [p for n, p in rest if p.requires_grad and _no_decay(n, p)]
+    decay = [p for n, p in rest if p.requires_grad and not no_weight_decay(n, p)]
+    no_decay = [p for n, p in rest if p.requires_grad and no_weight_decay(n, p)]
     groups += [
         {"params": decay, "weight_decay": weight_decay, "lr": lr},
         {"params": no_decay, "weight_decay": 0.0, "lr": lr},
