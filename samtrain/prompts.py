@@ -7,17 +7,19 @@ Conventions used throughout:
 - Point labels are int64: ``1`` positive click, ``0`` negative click, ``-1`` padding ("not a point"),
   ``2`` box top-left corner, ``3`` box bottom-right corner. A box is therefore two points, which lets
   one tensor hold point-first and box-first prompts side by side.
-- Randomness only comes from an explicit ``torch.Generator`` on the masks' device.
+- Randomness only comes from an explicit source on the masks' device: a ``torch.Generator``, or a
+  :class:`~samtrain.keyed_random.KeyedRandom` whose numbers follow each mask's identity (training:
+  the same mask draws the same numbers on any rank and in any batch).
 - The training-time samplers run on the masks' device without host synchronisation and without a
   Python loop over masks.
 """
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 import torch
+
+from samtrain.keyed_random import KeyedRandom, hash_keys, mix_seed
 
 # The label convention is the prompt encoder's.
 from samtrain.models.prompt_encoder import (
@@ -31,6 +33,7 @@ from samtrain.models.prompt_encoder import (
 __all__ = [
     "click_schedule",
     "jitter_boxes",
+    "mask_keys",
     "masks_to_boxes",
     "sample_error_points",
     "sample_initial_prompts",
@@ -59,15 +62,41 @@ def _check_masks(masks: torch.Tensor, name: str = "masks") -> torch.Tensor:
     return masks != 0
 
 
-def _check_generator(generator: torch.Generator | None, device: torch.device, who: str) -> torch.Generator:
-    if not isinstance(generator, torch.Generator):
-        raise ValueError(f"{who} needs an explicit torch.Generator (generator=...), got {generator!r}")
+RandomSource = torch.Generator | KeyedRandom
+
+
+def _check_generator(generator: RandomSource | None, device: torch.device, who: str) -> RandomSource:
+    if not isinstance(generator, torch.Generator | KeyedRandom):
+        raise ValueError(
+            f"{who} needs an explicit torch.Generator or KeyedRandom (generator=...), got {generator!r}"
+        )
     if generator.device.type != device.type:
         raise ValueError(
             f"{who}: the generator lives on {generator.device} but the tensors on {device}; "
-            "create it with torch.Generator(device=...) on the same device"
+            "create it on the same device"
         )
     return generator
+
+
+def _uniform(source: RandomSource, n: int, device: torch.device) -> torch.Tensor:
+    """float32 (n,) uniform in [0, 1) from either kind of source."""
+    if isinstance(source, KeyedRandom):
+        _check_rows(source, n)
+        return source.rand(1)[:, 0]
+    return torch.rand(n, generator=source, device=device)
+
+
+def _normal(source: RandomSource, shape: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """float32 ``shape`` = (n, k) standard normal from either kind of source."""
+    if isinstance(source, KeyedRandom):
+        _check_rows(source, shape[0])
+        return source.randn(shape[1])
+    return torch.randn(shape, generator=source, device=device)
+
+
+def _check_rows(source: KeyedRandom, n: int) -> None:
+    if len(source) != n:
+        raise ValueError(f"the KeyedRandom has {len(source)} keys but {n} masks draw from it")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -79,12 +108,14 @@ def _flat_index_to_xy(index: torch.Tensor, width: int) -> torch.Tensor:
     return torch.stack((index % width, index // width), dim=-1).to(torch.float32)
 
 
-def _sample_flat_index(masks: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _sample_flat_index(
+    masks: torch.Tensor, generator: RandomSource | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one pixel uniformly from each mask.
 
     Args:
         masks: ``(N, H, W) bool``.
-        generator: on the masks' device.
+        generator: on the masks' device (None: torch's global generator).
 
     Returns:
         index ``(N,) int64`` flat row-major pixel index (undefined for an empty mask) and
@@ -94,19 +125,22 @@ def _sample_flat_index(masks: torch.Tensor, generator: torch.Generator) -> tuple
     # int32 halves the memory of the running count; a mask has far fewer than 2**31 pixels.
     cumsum = flat.cumsum(1, dtype=torch.int32)
     counts = cumsum[:, -1] if flat.shape[1] > 0 else flat.new_zeros(flat.shape[0], dtype=torch.int32)
-    u = torch.rand(flat.shape[0], generator=generator, device=masks.device)
+    if generator is None:
+        u = torch.rand(flat.shape[0], device=masks.device)
+    else:
+        u = _uniform(generator, flat.shape[0], masks.device)
     # rank r in [0, count): the chosen pixel is the first whose running count exceeds r.
     rank = (u * counts).floor().to(torch.int32).clamp(max=(counts - 1).clamp(min=0))
     index = torch.searchsorted(cumsum, rank[:, None], right=True).squeeze(1)
     return index.clamp(max=max(flat.shape[1] - 1, 0)), counts > 0
 
 
-def sample_points_in_masks(masks: torch.Tensor, *, generator: torch.Generator) -> torch.Tensor:
+def sample_points_in_masks(masks: torch.Tensor, *, generator: RandomSource) -> torch.Tensor:
     """One point drawn uniformly from the pixels of each mask.
 
     Args:
         masks: ``(N, H, W) bool``.
-        generator: ``torch.Generator`` on the masks' device.
+        generator: ``torch.Generator`` or ``KeyedRandom`` on the masks' device.
 
     Returns:
         ``(N, 2) float32`` points ``(x, y)``. An empty mask gets the image centre pixel
@@ -154,7 +188,7 @@ def jitter_boxes(
     image_size: tuple[int, int],
     noise_std: float = 0.1,
     noise_max: float = 20.0,
-    generator: torch.Generator,
+    generator: RandomSource,
 ) -> torch.Tensor:
     """Add SAM's box noise: gaussian per coordinate, std ``noise_std`` times the box side.
 
@@ -179,7 +213,7 @@ def jitter_boxes(
         boxes = boxes.to(torch.float32)
     height, width = image_size
     side = (boxes[:, 2:] - boxes[:, :2]).repeat(1, 2)  # (w, h, w, h)
-    noise = torch.randn(boxes.shape, generator=generator, device=boxes.device, dtype=boxes.dtype)
+    noise = _normal(generator, tuple(boxes.shape), boxes.device).to(boxes.dtype)
     noisy = boxes + (noise * noise_std * side).clamp(-noise_max, noise_max)
     upper = torch.tensor([width - 1, height - 1], device=boxes.device, dtype=boxes.dtype).repeat(2)
     noisy = noisy.clamp(min=0).minimum(upper)
@@ -191,10 +225,10 @@ def sample_initial_prompts(
     masks: torch.Tensor,
     *,
     point_prob: float = 0.5,
-    generator: torch.Generator,
+    generator: RandomSource,
     box_noise_std: float = 0.1,
     box_noise_max: float = 20.0,
-    choice_generator: torch.Generator | None = None,
+    choice_generator: RandomSource | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """First prompt per mask: a positive point uniform in the mask, or its jittered box.
 
@@ -203,9 +237,7 @@ def sample_initial_prompts(
         point_prob: probability of a point prompt (1: all points, 0: all boxes).
         generator: per-mask draws (point position, box noise), on the masks' device.
         box_noise_std, box_noise_max: see :func:`jitter_boxes`.
-        choice_generator: draws the point-or-box choice. This choice is structural (it decides
-            which parameters get gradient), so in distributed training pass a generator seeded
-            alike on every rank (see :func:`step_generators`). Defaults to ``generator``.
+        choice_generator: draws the point-or-box choice of each mask (default: ``generator``).
 
     Returns:
         coords ``(N, 2, 2) float32`` and labels ``(N, 2) int64``: ``[1, -1]`` (the point, then a
@@ -219,7 +251,7 @@ def sample_initial_prompts(
         generator if choice_generator is None else choice_generator, masks.device, "sample_initial_prompts"
     )
     n, height, width = masks.shape
-    is_point = torch.rand(n, generator=choice_generator, device=masks.device) < point_prob
+    is_point = _uniform(choice_generator, n, masks.device) < point_prob
 
     points = sample_points_in_masks(masks, generator=generator)
     point_coords = torch.stack((points, torch.zeros_like(points)), dim=1)
@@ -246,7 +278,7 @@ def sample_error_points(
     gt_masks: torch.Tensor,
     pred_masks: torch.Tensor,
     method: str = "uniform",
-    generator: torch.Generator | None = None,
+    generator: RandomSource | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One corrective click per mask in the error region of a prediction.
 
@@ -290,7 +322,7 @@ def sample_error_points(
 
 
 def _error_points_uniform(
-    gt: torch.Tensor, pred: torch.Tensor, generator: torch.Generator | None
+    gt: torch.Tensor, pred: torch.Tensor, generator: RandomSource | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     false_neg = gt & ~pred
     error = gt ^ pred
@@ -372,25 +404,37 @@ def click_schedule(
     return schedule
 
 
-def _mix_seed(*values: int | str) -> int:
-    """Deterministic 63-bit seed from a tuple of ints/strings (stable across processes and runs)."""
-    digest = hashlib.blake2b(repr(values).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+def mask_keys(image_ids: torch.Tensor, mask_image_index: torch.Tensor) -> torch.Tensor:
+    """The identity of each mask of a batch: its image's id and its ordinal among that image's masks.
 
-
-def step_generators(
-    seed: int, step: int, rank: int, device: torch.device | str = "cpu"
-) -> tuple[torch.Generator, torch.Generator]:
-    """Generators for one training step.
+    Args:
+        image_ids: int64 (B,) ids of the batch's images.
+        mask_image_index: int64 (N,) the batch index of each mask's image, grouped by image.
 
     Returns:
-        ``(structural, per_mask)``: ``structural`` is seeded from ``(seed, step)`` only, so every
-        rank draws the same structural choices (point or box, schedule); ``per_mask`` also mixes in
-        ``rank``. Both depend only on these integers, so a resumed run at the same step draws what
-        the uninterrupted run drew.
+        int64 (N,) keys, equal for the same mask of the same image in any batch.
     """
-    structural = torch.Generator(device=device)
-    structural.manual_seed(_mix_seed("structural", int(seed), int(step)))
-    per_mask = torch.Generator(device=device)
-    per_mask.manual_seed(_mix_seed("per_mask", int(seed), int(step), int(rank)))
-    return structural, per_mask
+    counts = torch.zeros_like(image_ids).index_add_(0, mask_image_index, torch.ones_like(mask_image_index))
+    starts = counts.cumsum(0) - counts
+    ordinal = torch.arange(len(mask_image_index), device=mask_image_index.device) - starts[mask_image_index]
+    return hash_keys(image_ids[mask_image_index], ordinal)
+
+
+def step_generators(seed: int, step: int, keys: torch.Tensor) -> tuple[torch.Generator, KeyedRandom]:
+    """The random sources of one training step.
+
+    Args:
+        seed: the run seed.
+        step: the global step.
+        keys: int64 (N,) mask identities (:func:`mask_keys`).
+
+    Returns:
+        ``(structural, per_mask)``: ``structural`` (a generator seeded from ``(seed, step)``) makes
+        the choices that shape the step, alike on every rank (where the mask-only passes fall,
+        whether the ground truth is a mask prompt); ``per_mask`` draws each mask's point or box,
+        box noise and clicks from its key. Both depend only on their inputs, so DDP ranks, a
+        single process with the same global batch, and a resumed run all draw the same numbers.
+    """
+    structural = torch.Generator(device=keys.device)
+    structural.manual_seed(mix_seed("structural", int(seed), int(step)))
+    return structural, KeyedRandom(keys, salt=mix_seed("per_mask", int(seed), int(step)))

@@ -22,7 +22,13 @@ from samtrain.metrics import InteractiveMetrics
 from samtrain.models.prompt_encoder import BOX_TOP_LEFT, NEGATIVE, POSITIVE
 from samtrain.models.sam import Sam
 from samtrain.optim import build_scheduler, sam_param_groups
-from samtrain.prompts import click_schedule, sample_error_points, sample_initial_prompts, step_generators
+from samtrain.prompts import (
+    click_schedule,
+    mask_keys,
+    sample_error_points,
+    sample_initial_prompts,
+    step_generators,
+)
 
 SAM_PARTS = ("image_encoder", "prompt_encoder", "mask_decoder")
 
@@ -91,7 +97,7 @@ class SamModule(pl.LightningModule):
         loss: loss weights.
         freeze: parts of the model that do not train ("image_encoder", ...).
         lr, weight_decay, layer_decay: see ``samtrain.optim.sam_param_groups``.
-        seed: seeds the per-step prompt generators (with the global step and the rank).
+        seed: seeds the per-step prompt draws (with the global step and each mask's identity).
         val_max_clicks: clicks of the validation click curve (1 for the cheap metrics only).
         val_full_curve_every: run the full curve every n validation epochs (0: never).
     """
@@ -139,6 +145,22 @@ class SamModule(pl.LightningModule):
         with torch.set_grad_enabled(torch.is_grad_enabled() and "image_encoder" not in self.freeze):
             return self.net.image_encoder(images)
 
+    def image_embeddings(self, batch: dict) -> torch.Tensor:
+        """(B, 256, S/16, S/16): the batch's cached embeddings when it carries them, else the encoder's."""
+        if "image_embedding" in batch:
+            return batch["image_embedding"]
+        return self.encode(batch["image"])
+
+    @staticmethod
+    def batch_mask_keys(batch: dict) -> torch.Tensor:
+        """int64 (N,) identities of the batch's masks (image id, ordinal): each mask's prompts are
+        drawn from its identity, so they do not depend on the rank or the rest of the batch."""
+        image_index = batch["mask_image_index"]
+        image_ids = batch.get("image_id")
+        if image_ids is None:
+            image_ids = torch.arange(len(batch["input_size"]))
+        return mask_keys(image_ids.to(image_index.device), image_index)
+
     def num_masks_across_ranks(self, n: int) -> torch.Tensor:
         """The mean number of masks per rank: dividing each rank's loss sum by it makes DDP's
         gradient average equal the mean over every mask of the global batch."""
@@ -173,17 +195,16 @@ class SamModule(pl.LightningModule):
         """The whole simulated interaction of one batch -> (loss, logs)."""
         gt = batch["masks"]
         image_indices = batch["mask_image_index"]
-        structural, per_mask = step_generators(self.seed, self.global_step, self.global_rank, gt.device)
+        structural, per_mask = step_generators(self.seed, self.global_step, self.batch_mask_keys(batch))
         num_masks = self.num_masks_across_ranks(gt.shape[0])
         valid = input_regions(batch["input_size"], self.net.image_size)[image_indices]
-        embeddings = self.encode(batch["image"])
+        embeddings = self.image_embeddings(batch)
 
         recipe = self.prompts
         coords, labels = sample_initial_prompts(
             gt,
             point_prob=recipe.point_prob,
             generator=per_mask,
-            choice_generator=structural,
             box_noise_std=recipe.box_noise_std,
             box_noise_max=recipe.box_noise_max,
         )

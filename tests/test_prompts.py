@@ -10,6 +10,7 @@ from torchvision.ops import masks_to_boxes as tv_masks_to_boxes
 from samtrain.prompts import (
     click_schedule,
     jitter_boxes,
+    mask_keys,
     masks_to_boxes,
     sample_error_points,
     sample_initial_prompts,
@@ -169,14 +170,14 @@ def test_initial_prompts_all_boxes():
     assert not torch.equal(boxes, masks_to_boxes(masks))  # the noise is there
 
 
-def test_initial_prompts_mix_and_structural_choice():
+def test_initial_prompts_mix_and_choice_generator():
     masks = random_masks(400, seed=5)
     _, labels = sample_initial_prompts(masks, generator=gen(1))
     is_point = labels[:, 0] == 1
     assert 0.4 < is_point.float().mean() < 0.6
     assert (labels[is_point] == torch.tensor([1, -1])).all()
     assert (labels[~is_point] == torch.tensor([2, 3])).all()
-    # the point-or-box choice follows choice_generator alone: "ranks" with other per-mask draws agree
+    # the point-or-box choice follows choice_generator alone
     _, rank0 = sample_initial_prompts(masks, generator=gen(10), choice_generator=gen(2))
     _, rank1 = sample_initial_prompts(masks[:200], generator=gen(11), choice_generator=gen(2))
     assert torch.equal(rank0[:200], rank1)
@@ -376,25 +377,41 @@ def test_click_schedule_bad_counts():
         click_schedule(num_click_passes=-1, generator=gen())
 
 
-def test_step_generators_structural_shared_per_mask_differs():
-    structural = [step_generators(17, 100, rank, "cpu")[0] for rank in range(3)]
-    per_mask = [step_generators(17, 100, rank, "cpu")[1] for rank in range(3)]
-    schedules = [click_schedule(generator=g) for g in structural]
-    assert schedules[0] == schedules[1] == schedules[2]
-    draws = [torch.rand(8, generator=g) for g in per_mask]
-    assert not torch.equal(draws[0], draws[1]) and not torch.equal(draws[1], draws[2])
+def _initial_and_click(masks: torch.Tensor, keys: torch.Tensor, step: int = 100):
+    _, per_mask = step_generators(17, step, keys)
+    coords, labels = sample_initial_prompts(masks, generator=per_mask)
+    points, clicks = sample_error_points(masks, torch.zeros_like(masks), "uniform", per_mask)
+    return coords, labels, points, clicks
+
+
+def test_step_generators_follow_each_mask_not_its_rank_or_position():
+    masks = random_masks(5, seed=3)
+    ids, image_index = torch.tensor([7, 9]), torch.tensor([0, 0, 0, 1, 1])
+    together = _initial_and_click(masks, mask_keys(ids, image_index))
+    # two "ranks", one image each, see the same numbers as the single process holding both
+    rank0 = _initial_and_click(masks[:3], mask_keys(ids[:1], image_index[:3]))
+    rank1 = _initial_and_click(masks[3:], mask_keys(ids[1:], image_index[3:] - 1))
+    swapped = _initial_and_click(masks[[3, 4, 0, 1, 2]], mask_keys(ids.flip(0), 1 - image_index.flip(0)))
+    for whole, first, second, reordered in zip(together, rank0, rank1, swapped, strict=True):
+        assert torch.equal(whole, torch.cat([first, second]))
+        assert torch.equal(whole, reordered[[2, 3, 4, 0, 1]])
+
+
+def test_mask_keys_distinguish_images_and_ordinals():
+    keys = mask_keys(torch.tensor([7, 9, 8]), torch.tensor([0, 0, 1, 1, 1, 2]))
+    assert keys.dtype == torch.int64 and len(set(keys.tolist())) == 6
+    assert torch.equal(keys[:1], mask_keys(torch.tensor([7]), torch.tensor([0])))
 
 
 def test_step_generators_are_deterministic_and_step_dependent():
-    def draw(seed, step, rank):
-        structural, per_mask = step_generators(seed, step, rank, torch.device("cpu"))
-        return torch.cat((torch.rand(4, generator=structural), torch.rand(4, generator=per_mask)))
-
-    assert torch.equal(draw(1, 5, 0), draw(1, 5, 0))  # a resumed run draws the same
-    assert not torch.equal(draw(1, 5, 0)[:4], draw(1, 6, 0)[:4])
-    assert not torch.equal(draw(1, 5, 0)[:4], draw(2, 5, 0)[:4])
-    structural, per_mask = step_generators(1, 5, 0, "cpu")
-    assert structural.initial_seed() != per_mask.initial_seed()
+    masks = random_masks(8, seed=4)
+    keys = mask_keys(torch.arange(8), torch.arange(8))
+    for a, b in zip(_initial_and_click(masks, keys), _initial_and_click(masks, keys), strict=True):
+        assert torch.equal(a, b)  # a resumed run draws the same
+    assert not torch.equal(_initial_and_click(masks, keys)[2], _initial_and_click(masks, keys, step=101)[2])
+    schedules = [click_schedule(generator=step_generators(1, step, keys)[0]) for step in range(40)]
+    assert schedules[3] == click_schedule(generator=step_generators(1, 3, keys[:2])[0])
+    assert len({tuple(s) for s in schedules}) > 1
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -426,7 +443,7 @@ def test_training_samplers_make_no_host_sync(monkeypatch):
 def test_training_samplers_make_no_cuda_sync():
     masks = random_masks(16, seed=15).cuda()
     pred = random_masks(16, seed=16).cuda()
-    structural, per_mask = step_generators(0, 0, 0, "cuda")
+    structural, per_mask = step_generators(0, 0, torch.arange(16, device="cuda"))
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
