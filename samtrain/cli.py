@@ -1,4 +1,5 @@
-"""The ``samtrain`` command: ``samtrain train [overrides]`` and ``samtrain eval [overrides]``.
+"""The ``samtrain`` command: ``samtrain train [overrides]``, ``samtrain eval [overrides]`` and
+``samtrain check-data [options] [overrides]`` (see :mod:`samtrain.data.check`).
 
 Each subcommand is the Hydra app of the matching root script (``train.py`` with ``conf/train.yaml``,
 ``eval.py`` with ``conf/eval.yaml``): everything after the subcommand goes to Hydra unchanged, so
@@ -22,7 +23,9 @@ COMMANDS = {
     "train": "train a SAM model (conf/train.yaml; same as `python train.py`)",
     "eval": "evaluate checkpoints: results.json, results.md, mIoU-vs-clicks plot "
     "(conf/eval.yaml; same as `python eval.py`)",
+    "check-data": "walk a dataset: counts, sizes, mask areas and every problem (exit 1 on errors)",
 }
+HYDRA_COMMANDS = ("train", "eval")  # the subcommands that are Hydra apps of conf/<name>.yaml
 
 EXAMPLES = """\
 examples:
@@ -31,6 +34,8 @@ examples:
   samtrain eval checkpoints=[outputs/train/runs/<run>/official.pth,sam_vit_b_01ec64.pth] variant=vit_b
   samtrain eval data=coco data.val_dataset.annotation_file=... data.val_dataset.image_dir=...
   samtrain eval --cfg job                    # print the composed eval config
+  samtrain check-data data=sa1b data.train_dataset.root=/data/sa1b
+  samtrain check-data --format coco --path annotations.json --image-dir images
 """
 
 
@@ -38,7 +43,7 @@ def config_dir() -> Path:
     """The Hydra config folder: ``$SAMTRAIN_CONFIG_DIR``, else ``conf/`` beside the package."""
     env = os.environ.get(CONFIG_DIR_ENV)
     path = Path(env).expanduser() if env else Path(__file__).resolve().parents[1] / "conf"
-    missing = [name for name in COMMANDS if not (path / f"{name}.yaml").is_file()]
+    missing = [name for name in HYDRA_COMMANDS if not (path / f"{name}.yaml").is_file()]
     if missing:
         raise FileNotFoundError(
             f"samtrain: no Hydra configs {', '.join(f'{m}.yaml' for m in missing)} in {path}; "
@@ -99,6 +104,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     split = next((i for i, arg in enumerate(args) if not arg.startswith("-")), len(args))
     namespace = parser.parse_args(args[: split + 1])
     command, overrides = namespace.command, args[split + 1 :]
+    if command == "check-data":
+        from samtrain.data.check import main as check_data
+
+        return check_data(overrides)
     try:
         conf = config_dir()
     except FileNotFoundError as err:

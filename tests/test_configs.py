@@ -9,6 +9,7 @@ import pytorch_lightning as pl
 from samtrain.data import SamDataModule
 from samtrain.sam_module import PromptRecipe, SamModule
 from tests.conftest import CONF
+from tests.data_builders import data_overrides
 
 
 def options(group: str) -> list[str]:
@@ -39,14 +40,9 @@ def test_prompt_options(tiny_cfg, option):
 
 
 @pytest.mark.parametrize("option", options("data"))
-def test_data_options(tiny_cfg, option):
-    overrides = [f"data={option}"]
-    if option == "coco":  # the generic COCO option needs paths: point it at the sample data
-        overrides += [
-            f"data.{split}_dataset.{key}=${{paths.data_dir}}/sample/{folder}/{name}"
-            for split, folder in (("train", "train"), ("val", "val"))
-            for key, name in (("annotation_file", "annotations.json"), ("image_dir", ""))
-        ]
+def test_data_options(tiny_cfg, option, tmp_path):
+    # Options that need paths get a tiny dataset of their format (coco: the sample data).
+    overrides = [f"data={option}", *data_overrides(option, tmp_path / "dataset")]
     datamodule = hydra.utils.instantiate(tiny_cfg(*overrides).data)
     datamodule.setup("fit")
     batch = next(iter(datamodule.train_dataloader()))
@@ -90,3 +86,13 @@ def test_experiment_options(tiny_cfg, option):
     assert cfg.task_name == option
     for part in module.freeze:
         assert not any(p.requires_grad for p in getattr(module.net, part).parameters())
+
+
+def test_fsdp_wraps_each_encoder_block(tiny_cfg):
+    from pytorch_lightning.strategies import FSDPStrategy
+    from timm.models.vision_transformer_sam import Block
+
+    strategy = hydra.utils.instantiate(tiny_cfg("trainer=fsdp").trainer.strategy)
+    assert isinstance(strategy, FSDPStrategy)
+    policy = strategy.kwargs["auto_wrap_policy"]
+    assert policy._module_classes == {Block}

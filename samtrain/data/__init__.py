@@ -10,9 +10,16 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
+    "SamDataset": "samtrain.data.base",
     "CocoInstanceDataset": "samtrain.data.coco",
     "decode_segmentations": "samtrain.data.coco",
-    "read_rgb_image": "samtrain.data.coco",
+    "read_rgb_image": "samtrain.data.image_io",
+    "RleMasks": "samtrain.data.rle",
+    "Sa1bDataset": "samtrain.data.sa1b",
+    "Sa1bTarStream": "samtrain.data.sa1b",
+    "InstanceMaskFolder": "samtrain.data.mask_folder",
+    "BinaryMaskFolder": "samtrain.data.mask_folder",
+    "SemanticMaskFolder": "samtrain.data.mask_folder",
     "SampleError": "samtrain.data.errors",
     "SkipBadSamples": "samtrain.data.errors",
     "SamTransform": "samtrain.data.transforms",
@@ -27,11 +34,18 @@ _EXPORTS = {
 __all__ = [
     "SAM_PIXEL_MEAN",
     "SAM_PIXEL_STD",
+    "BinaryMaskFolder",
     "CocoInstanceDataset",
+    "InstanceMaskFolder",
+    "RleMasks",
+    "Sa1bDataset",
+    "Sa1bTarStream",
     "SamDataModule",
+    "SamDataset",
     "SamResizeCrop",
     "SamTransform",
     "SampleError",
+    "SemanticMaskFolder",
     "SkipBadSamples",
     "collate_sam_batch",
     "decode_segmentations",
@@ -40,10 +54,15 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from samtrain.data.coco import CocoInstanceDataset, decode_segmentations, read_rgb_image
+    from samtrain.data.base import SamDataset
+    from samtrain.data.coco import CocoInstanceDataset, decode_segmentations
     from samtrain.data.collate import collate_sam_batch
     from samtrain.data.datamodule import SamDataModule
     from samtrain.data.errors import SampleError, SkipBadSamples
+    from samtrain.data.image_io import read_rgb_image
+    from samtrain.data.mask_folder import BinaryMaskFolder, InstanceMaskFolder, SemanticMaskFolder
+    from samtrain.data.rle import RleMasks
+    from samtrain.data.sa1b import Sa1bDataset, Sa1bTarStream
     from samtrain.data.transforms import (
         SAM_PIXEL_MEAN,
         SAM_PIXEL_STD,

@@ -47,7 +47,7 @@ class SkipBadSamples(Dataset):
         try:
             return self.dataset[index]
         except SampleError as err:
-            log.warning("skipping sample %d: %s", index, err)
+            log.warning("skipping sample %s: %s", index, err)
             return None
 
     def state_dict(self) -> dict:

@@ -24,6 +24,8 @@ import torch
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import albumentations as A
 
+from samtrain.data.rle import RleMasks
+
 # The data package's names for SAM's preprocessing, defined once in samtrain.resize.
 from samtrain.resize import (
     PIXEL_MEAN as SAM_PIXEL_MEAN,
@@ -76,9 +78,8 @@ class SamResizeCrop(A.DualTransform):
             )
         return img[y0 : y0 + crop_h, x0 : x0 + crop_w]
 
-    def _mask_indices(
-        self, source_hw: tuple, resized_hw: tuple, crop: tuple
-    ) -> tuple[np.ndarray, np.ndarray]:
+    @staticmethod
+    def _mask_indices(source_hw: tuple, resized_hw: tuple, crop: tuple) -> tuple[np.ndarray, np.ndarray]:
         """Source rows int64 (crop_h,) and columns int64 (crop_w,) of the output window."""
         y0, x0, crop_h, crop_w = crop
         rows = nearest_indices(source_hw[0], resized_hw[0], y0, crop_h)
@@ -132,6 +133,11 @@ class SamTransform:
     ``max_mask_fraction`` of the unpadded image, are dropped; then at most ``max_masks`` are kept,
     a random subset (in eval, seeded by the image id so every epoch sees the same masks).
 
+    Masks may also come run-length encoded (:class:`samtrain.data.rle.RleMasks`, what
+    ``SamDataset.load_encoded_sample`` gives): then the image goes through the pipeline alone and
+    each mask is decoded straight onto the output grid, only inside its bounding box, never at
+    full resolution. The result is identical to passing the decoded masks.
+
     Randomness: ``__call__(sample, rng=...)`` uses the given numpy Generator; otherwise one per
     process and DataLoader worker, seeded from ``torch.initial_seed()``. ``state_dict`` /
     ``load_state_dict`` save and restore it (a resumed run continues the same stream).
@@ -169,7 +175,8 @@ class SamTransform:
         self.hflip_prob = float(hflip_prob)
         self.color_jitter = float(color_jitter)
         self._check_args()
-        self.pipeline = A.Compose(self._steps())
+        # The applied parameters (resize/crop window, flip) let RLE masks be decoded onto the output grid.
+        self.pipeline = A.Compose(self._steps(), save_applied_params=True)
         self._rng: np.random.Generator | None = None
         self._rng_key: tuple | None = None
 
@@ -225,14 +232,25 @@ class SamTransform:
 
     # -- the transform ------------------------------------------------------------------------
 
+    accepts_rle_masks = True  # SamDataset hands this transform RleMasks (see the class docstring)
+
     def __call__(self, sample: dict, rng: np.random.Generator | None = None) -> dict:
-        image, masks = _check_sample(sample)
         image_id = int(sample["image_id"])
+        if isinstance(sample.get("masks"), RleMasks):
+            image, masks = _check_image(sample), sample["masks"]
+            if masks.shape[1:] != image.shape[:2]:
+                raise ValueError(
+                    f"image {image_id}: masks {masks.shape} do not match the image {image.shape}"
+                )
+        else:
+            image, masks = _check_sample(sample)
         if rng is None:
             rng = self._process_rng() if self.train else np.random.default_rng(image_id)
         if self.train:  # albumentations draws from generators seeded by ours
             seed = int(rng.integers(2**63))
             self.pipeline.set_random_state(np.random.default_rng(seed), random.Random(seed))
+        if isinstance(masks, RleMasks):
+            return self._call_rle(image, masks, image_id, rng)
         if len(masks):
             out = self.pipeline(image=image, masks=masks)
             out_image, out_masks = out["image"], out["masks"]
@@ -242,15 +260,40 @@ class SamTransform:
         keep = self.select_masks(out_masks, rng)
         return self._pack(out_image, out_masks[keep], image_id, image.shape[:2])
 
+    def _call_rle(self, image: np.ndarray, masks: RleMasks, image_id: int, rng: np.random.Generator) -> dict:
+        """The pipeline on the image alone; each mask decoded straight onto the output grid inside
+        its bounding box, and only the kept ones written into the padded output. The same random
+        draws as the decoded-mask path, so the same result."""
+        out = self.pipeline(image=image)
+        out_image, applied = out["image"], dict(out["applied_transforms"])
+        geometry = applied["SamResizeCrop"]
+        rows, cols = SamResizeCrop._mask_indices(
+            geometry["source_hw"], geometry["resized_hw"], geometry["crop"]
+        )
+        windows = masks.resample_windows(rows, cols)
+        areas = np.array([np.count_nonzero(w) for _, _, w in windows], dtype=np.int64)
+        keep = self._select(areas, out_image.shape[0] * out_image.shape[1], rng)
+        sample = self._pack(out_image, np.zeros((0, *out_image.shape[:2]), bool), image_id, image.shape[:2])
+        width = out_image.shape[1]
+        flipped = "HorizontalFlip" in applied
+        out_masks = np.zeros((len(keep), self.image_size, self.image_size), dtype=bool)  # calloc: lazy pages
+        for k, index in enumerate(keep):
+            i0, j0, window = windows[index]
+            if flipped:  # mirror the window and its place
+                window, j0 = window[:, ::-1], width - j0 - window.shape[1]
+            out_masks[k, i0 : i0 + window.shape[0], j0 : j0 + window.shape[1]] = window
+        sample["masks"] = torch.from_numpy(out_masks)
+        return sample
+
     def select_masks(self, masks: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """Indices of the masks to keep, ascending: int64 (k,). masks: (K, h, w) unpadded."""
-        if len(masks) == 0:
-            return np.zeros(0, dtype=np.int64)
-        height, width = masks.shape[1:]
-        areas = np.count_nonzero(masks.reshape(len(masks), -1), axis=1)
-        keep = np.flatnonzero(
-            (areas >= self.min_mask_area) & (areas <= self.max_mask_fraction * height * width)
-        )
+        areas = np.array([np.count_nonzero(m) for m in masks], dtype=np.int64)
+        return self._select(areas, masks.shape[1] * masks.shape[2], rng)
+
+    def _select(self, areas: np.ndarray, image_area: int, rng: np.random.Generator) -> np.ndarray:
+        """Indices (ascending, int64 (k,)) of the masks whose ``areas`` (K,) pass the size filters,
+        at most ``max_masks`` of them, a random subset. ``image_area``: the unpadded image's pixels."""
+        keep = np.flatnonzero((areas >= self.min_mask_area) & (areas <= self.max_mask_fraction * image_area))
         if self.max_masks is not None and len(keep) > self.max_masks:
             keep = np.sort(rng.choice(keep, size=self.max_masks, replace=False))
         return keep
@@ -261,7 +304,7 @@ class SamTransform:
         height, width = image.shape[:2]
         image_t = torch.zeros(3, size, size, dtype=torch.float32)
         image_t[:, :height, :width] = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
-        masks_t = torch.zeros(len(masks), size, size, dtype=torch.bool)
+        masks_t = _zeros_bool(len(masks), size)
         masks_t[:, :height, :width] = torch.from_numpy(np.ascontiguousarray(masks).view(np.bool_))  # 0/1
         return {
             "image": image_t,
@@ -279,13 +322,25 @@ class SamTransform:
         )
 
 
-def _check_sample(sample: dict) -> tuple[np.ndarray, np.ndarray]:
-    """The sample's image uint8 (H, W, 3) and masks uint8 0/1 (K, H, W); ValueError when malformed."""
+def _zeros_bool(count: int, size: int) -> torch.Tensor:
+    """bool (count, size, size) zeros. From numpy's calloc: pages that are never written cost
+    nothing, where torch.zeros writes all (64 masks at 1024 px: 64 MB)."""
+    return torch.from_numpy(np.zeros((count, size, size), dtype=bool))
+
+
+def _check_image(sample: dict) -> np.ndarray:
+    """The sample's image uint8 (H, W, 3); ValueError when it is something else."""
     image = np.asarray(sample["image"])
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(
             f"image {sample.get('image_id')}: expected uint8 (H, W, 3), got {image.dtype} {image.shape}"
         )
+    return image
+
+
+def _check_sample(sample: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The sample's image uint8 (H, W, 3) and masks uint8 0/1 (K, H, W); ValueError when malformed."""
+    image = _check_image(sample)
     masks = sample.get("masks")
     if masks is None or len(masks) == 0:
         masks = np.zeros((0, *image.shape[:2]), dtype=np.uint8)
