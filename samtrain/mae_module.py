@@ -17,6 +17,7 @@ import pytorch_lightning as pl
 import torch
 
 from samtrain.data.image_folder import IMAGENET_MEAN, IMAGENET_STD
+from samtrain.fault_tolerance import load_pending_loader_state
 from samtrain.models.mae import MaskedAutoencoder
 from samtrain.optim import build_scheduler, no_weight_decay
 
@@ -153,6 +154,9 @@ class MaeModule(pl.LightningModule):
                 logger.experiment.log(
                     {"val/reconstructions": wandb.Image(str(path)), "trainer/global_step": self.global_step}
                 )
+
+    def on_train_start(self) -> None:
+        load_pending_loader_state(self.trainer)
 
     # ------------------------------------------------------------------ optimisation
 

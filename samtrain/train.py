@@ -53,6 +53,12 @@ def scalar_metrics(metrics: dict) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float, torch.Tensor))}
 
 
+def validation_metrics(trainer: pl.Trainer, module, datamodule) -> dict[str, float]:
+    """The validation metrics of ``module`` now (none when validation is off: limit_val_batches=0)."""
+    results = trainer.validate(module, datamodule=datamodule, verbose=False)
+    return scalar_metrics(results[0]) if results else {}
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Run training as configured; returns the final validation metrics."""
     datamodule, module, trainer = build_run(cfg)
@@ -61,13 +67,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     if cfg.get("validate_before") and cfg.get("ckpt_path") is None:
         log.info("Validating the model before training")
-        results["before"] = scalar_metrics(trainer.validate(module, datamodule=datamodule, verbose=False)[0])
+        results["before"] = validation_metrics(trainer, module, datamodule)
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     if trainer.fast_dev_run:
         return scalar_metrics(trainer.callback_metrics)
 
-    results["after"] = scalar_metrics(trainer.validate(module, datamodule=datamodule, verbose=False)[0])
+    results["after"] = validation_metrics(trainer, module, datamodule)
     if trainer.is_global_zero:
         write_outputs(cfg, module, trainer, results, output_dir)
     finish_wandb(trainer)

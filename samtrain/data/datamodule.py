@@ -4,31 +4,74 @@ from __future__ import annotations
 
 import torch
 from pytorch_lightning import LightningDataModule
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, IterableDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from samtrain.data.collate import collate_sam_batch
 from samtrain.data.errors import SkipBadSamples
+from samtrain.data.sampler import SeededShardSampler
+
+
+def takes_sample_seeds(dataset: Dataset) -> bool:
+    """Whether ``dataset[(index, seed)]`` seeds the sample's augmentation (samtrain's datasets do)."""
+    from samtrain.data.base import SamDataset
+
+    return isinstance(dataset, SamDataset)
+
+
+def set_stream_epoch(trainer) -> None:
+    """Tells a streaming train dataset the epoch (Lightning does this for samplers only); call it in
+    ``on_train_epoch_start``. The stream's order and augmentation seeds follow the epoch."""
+    dataset = getattr(trainer.train_dataloader, "dataset", None)
+    if isinstance(dataset, IterableDataset) and hasattr(dataset, "set_epoch"):
+        dataset.set_epoch(trainer.current_epoch)
+
+
+class IgnoreSampleSeeds(Dataset):
+    """Lets a plain map-style dataset take the sampler's ``(index, seed)`` keys (the seed is unused)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        return self.dataset[key[0]]
+
+    def state_dict(self) -> dict:
+        return self.dataset.state_dict() if hasattr(self.dataset, "state_dict") else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if hasattr(self.dataset, "load_state_dict"):
+            self.dataset.load_state_dict(state)
 
 
 class SamDataModule(LightningDataModule):
-    """Train/val/test loaders for SAM training.
+    """Train/val/test loaders for SAM training, sharded across distributed ranks by the module itself.
 
-        Loaders are torchdata ``StatefulDataLoader``s, so a run resumed from a checkpoint continues
-        mid-epoch (sampler position, shuffle generator and, for datasets with ``state_dict``, the
-        augmentation RNG). Training data is shuffled by a generator seeded from ``seed`` (default:
-        ``torch.initial_seed()``, i.e. the run seed after ``seed_everything``) mixed with the global
-        rank; the same generator seeds the DataLoader workers. Batches come from ``collate_sam_batch``;
-    samples that cannot be read are skipped and counted (``SkipBadSamples``), never fatal.
+    Map-style datasets are read through a :class:`SeededShardSampler`: each epoch one permutation
+    seeded by ``(seed, epoch)``, rank ``r`` of ``W`` taking every ``W``-th sample, and a seed per
+    sample for its augmentation. So ``W`` ranks at batch ``b`` see exactly what one process at batch
+    ``W * b`` sees, augmented alike, and a resumed run repeats what the first run did. The trainer
+    must not add its own distributed sampler (``use_distributed_sampler: false``, as in every
+    ``conf/trainer`` option). Iterable datasets (streams) shard themselves and are passed through.
 
-        Args:
-            train_dataset, val_dataset, test_dataset: map-style datasets returning SAM samples.
-            batch_size: images per training batch.
-            val_batch_size: images per val/test batch (default: ``batch_size``).
-            num_workers: DataLoader worker processes.
-            pin_memory: pin batches in page-locked memory.
-            persistent_workers: keep workers alive between epochs (default: when ``num_workers > 0``).
-            seed: shuffle seed (None: ``torch.initial_seed()`` when the loader is built).
+    Loaders are torchdata ``StatefulDataLoader``s, so a run resumed from a checkpoint continues
+    mid-epoch. Batches come from ``collate_sam_batch``; samples that cannot be read are skipped
+    and counted (``SkipBadSamples``), never fatal.
+
+    Args:
+        train_dataset, val_dataset, test_dataset: datasets returning SAM samples.
+        batch_size: images per training batch on each device.
+        global_batch_size: images per optimizer step over all devices; when set, it replaces
+            ``batch_size`` with ``global_batch_size / (world size * accumulate_grad_batches)``.
+        val_batch_size: images per val/test batch (default: the per-device training batch).
+        num_workers: DataLoader worker processes.
+        pin_memory: pin batches in page-locked memory.
+        persistent_workers: keep workers alive between epochs (default: when ``num_workers > 0``).
+        seed: the order and augmentation seed (None: ``torch.initial_seed()``, i.e. the run seed
+            after ``seed_everything``).
     """
 
     def __init__(
@@ -38,6 +81,7 @@ class SamDataModule(LightningDataModule):
         val_dataset: Dataset | None = None,
         test_dataset: Dataset | None = None,
         batch_size: int = 2,
+        global_batch_size: int | None = None,
         val_batch_size: int | None = None,
         num_workers: int = 0,
         pin_memory: bool = False,
@@ -49,7 +93,8 @@ class SamDataModule(LightningDataModule):
         self.val_dataset = val_dataset
         self.test_dataset = test_dataset
         self.batch_size = int(batch_size)
-        self.val_batch_size = int(val_batch_size) if val_batch_size is not None else self.batch_size
+        self.global_batch_size = None if global_batch_size is None else int(global_batch_size)
+        self._val_batch_size = None if val_batch_size is None else int(val_batch_size)
         self.num_workers = int(num_workers)
         self.pin_memory = bool(pin_memory)
         self.persistent_workers = (
@@ -57,25 +102,56 @@ class SamDataModule(LightningDataModule):
         )
         self.seed = seed
 
-    def _generator(self) -> torch.Generator:
-        """A generator seeded by (seed, global rank): shuffling and worker seeds differ per rank."""
-        base = self.seed if self.seed is not None else torch.initial_seed()
-        rank = self.trainer.global_rank if self.trainer is not None else 0
-        return torch.Generator().manual_seed((int(base) + 1_000_003 * rank) % 2**63)
+    @property
+    def val_batch_size(self) -> int:
+        return self._val_batch_size if self._val_batch_size is not None else self.batch_size
+
+    def _rank_and_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def setup(self, stage: str) -> None:
+        if self.global_batch_size is None:
+            return
+        _, world_size = self._rank_and_world()
+        accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
+        per_step = world_size * accumulate
+        if self.global_batch_size % per_step:
+            raise ValueError(
+                f"global_batch_size={self.global_batch_size} is not divisible by world size {world_size} "
+                f"x accumulate_grad_batches {accumulate}"
+            )
+        self.batch_size = self.global_batch_size // per_step
+
+    def _seed(self) -> int:
+        return int(self.seed if self.seed is not None else torch.initial_seed())
 
     def _loader(self, dataset: Dataset | None, name: str, *, train: bool) -> StatefulDataLoader:
         if dataset is None:
             raise ValueError(f"SamDataModule has no {name}_dataset; pass {name}_dataset= to use this loader")
-        workers = self.num_workers > 0
+        rank, world_size = self._rank_and_world()
+        seed = self._seed()
+        loader_args = {
+            "batch_size": self.batch_size if train else self.val_batch_size,
+            "num_workers": self.num_workers,
+            "pin_memory": self.pin_memory,
+            "collate_fn": collate_sam_batch,
+            # seeds the workers' torch RNG; it differs per rank
+            "generator": torch.Generator().manual_seed((seed + 1_000_003 * rank) % 2**63),
+        }
+        if isinstance(dataset, IterableDataset):
+            # Fresh workers each epoch: they receive the epoch set by set_stream_epoch.
+            return StatefulDataLoader(dataset, persistent_workers=False, **loader_args)
+        if not takes_sample_seeds(dataset):
+            dataset = IgnoreSampleSeeds(dataset)
+        sampler = SeededShardSampler(
+            len(dataset), seed=seed, shuffle=train, rank=rank, world_size=world_size, even=train
+        )
         return StatefulDataLoader(
             SkipBadSamples(dataset),
-            batch_size=self.batch_size if train else self.val_batch_size,
-            shuffle=train,
-            generator=self._generator(),
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.persistent_workers and workers,
-            collate_fn=collate_sam_batch,
+            sampler=sampler,
+            persistent_workers=self.persistent_workers and self.num_workers > 0,
+            **loader_args,
         )
 
     def train_dataloader(self) -> StatefulDataLoader:

@@ -1,0 +1,147 @@
+"""Callbacks that keep a long run alive: bad steps are skipped, preemption leaves a checkpoint.
+
+- :class:`NonFiniteGuard`: a step whose gradients are not finite changes no weight; it is counted
+  and logged, and past a budget the run stops with a clear error. A checkpoint is never written
+  from non-finite weights.
+- :class:`PreemptionCheckpoint`: SIGTERM (and SIGUSR1 outside SLURM, where Lightning's own SLURM
+  handler saves and requeues) finishes the current step, writes ``last.ckpt`` and exits cleanly.
+
+Checkpoints themselves are atomic already: Lightning serialises a checkpoint in memory, then
+writes it inside an fsspec transaction (a temporary file moved over the old one).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.plugins.environments import SLURMEnvironment
+from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+log = logging.getLogger(__name__)
+
+
+def _gradients(module: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.grad for p in module.parameters() if p.grad is not None]
+
+
+def gradients_are_finite(module: torch.nn.Module) -> torch.Tensor:
+    """bool (): whether every gradient of ``module`` is finite (one reduction, no per-tensor sync)."""
+    grads = _gradients(module)
+    if not grads:
+        return torch.tensor(True)
+    norms = torch._foreach_norm(grads, float("inf"))
+    return torch.isfinite(torch.stack(norms)).all()
+
+
+def non_finite_tensors(state_dict: dict) -> list[str]:
+    """Names of the floating-point tensors of ``state_dict`` that hold a NaN or an infinity."""
+    return [
+        name
+        for name, value in state_dict.items()
+        if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all()
+    ]
+
+
+class NonFiniteGuard(pl.Callback):
+    """Skips optimizer steps whose gradients hold a NaN or an infinity.
+
+    After the backward pass (gradients already all-reduced under DDP; under sharded strategies the
+    ranks agree through one boolean reduction) every gradient is dropped when any is not finite, so
+    the optimizer leaves every weight and its moments as they were. Each skipped step is counted,
+    logged as ``train/nonfinite_steps`` with a warning, and saved in checkpoints; more than
+    ``max_skipped`` stops the run with an error. Saving a checkpoint whose weights are not finite
+    raises instead of writing it.
+    """
+
+    def __init__(self, *, max_skipped: int = 10) -> None:
+        self.max_skipped = int(max_skipped)
+        self.skipped = 0
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        finite = bool(gradients_are_finite(pl_module))
+        if trainer.world_size > 1:
+            finite = trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if not finite:
+            self.skip_step(trainer, pl_module, optimizer)
+        pl_module.log("train/nonfinite_steps", float(self.skipped), reduce_fx="max", rank_zero_only=True)
+
+    def skip_step(self, trainer, pl_module, optimizer) -> None:
+        optimizer.zero_grad(set_to_none=True)  # parameters without gradient are left untouched
+        self.skipped += 1
+        log.warning(
+            "step %d: non-finite gradients, the step is skipped (%d so far, budget %d)",
+            trainer.global_step,
+            self.skipped,
+            self.max_skipped,
+        )
+        if self.skipped > self.max_skipped:
+            raise RuntimeError(
+                f"{self.skipped} training steps had non-finite gradients, more than the budget of "
+                f"{self.max_skipped} (callbacks.nonfinite_guard.max_skipped); lower the learning rate, "
+                "check the data, or train in fp32"
+            )
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        bad = non_finite_tensors(checkpoint.get("state_dict", {}))
+        if bad:
+            raise RuntimeError(
+                f"refusing to write a checkpoint at step {trainer.global_step}: non-finite weights in "
+                f"{bad[:5]}{' ...' if len(bad) > 5 else ''}"
+            )
+
+    def state_dict(self) -> dict:
+        return {"skipped": self.skipped}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.skipped = int(state_dict.get("skipped", 0))
+
+
+class PreemptionCheckpoint(pl.Callback):
+    """On SIGTERM, saves ``<dirpath>/last.ckpt`` after the current step and lets the run exit cleanly.
+
+    Lightning stops its loops on SIGTERM (all ranks agree) by raising ``SIGTERMException``; this
+    callback writes the checkpoint as that exception passes, so ``ckpt_path=<dirpath>/last.ckpt``
+    resumes mid-epoch. Outside SLURM, SIGUSR1 is treated as SIGTERM; under SLURM it stays
+    Lightning's (checkpoint and requeue, with ``#SBATCH --signal=SIGUSR1@90``).
+    """
+
+    def __init__(self, *, dirpath: str | Path, filename: str = "last.ckpt") -> None:
+        self.path = Path(dirpath) / filename
+        self._previous_handler = None
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if not SLURMEnvironment.detect() and hasattr(signal, "SIGUSR1"):
+            self._previous_handler = signal.signal(signal.SIGUSR1, _as_sigterm)
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGUSR1, self._previous_handler)
+            self._previous_handler = None
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if not isinstance(exception, SIGTERMException):
+            return
+        trainer.save_checkpoint(self.path)
+        log.warning("preempted at step %d: saved %s", trainer.global_step, self.path)
+
+
+def _as_sigterm(signum, frame) -> None:
+    signal.raise_signal(signal.SIGTERM)
+
+
+def load_pending_loader_state(trainer: pl.Trainer) -> None:
+    """Makes a resumed run continue from the checkpoint's train-loader state (call in ``on_train_start``).
+
+    A module whose ``configure_optimizers`` reads ``trainer.estimated_stepping_batches`` makes
+    Lightning build the train loader and its iterator before the checkpoint is restored; the saved
+    loader state then never reaches that iterator (Lightning issue 20550) and a mid-epoch resume
+    would restart the epoch. Dropping the early loader makes Lightning build it again at the start
+    of the epoch, this time with the saved state loaded, before any batch is drawn.
+    """
+    fit_loop = trainer.fit_loop
+    if fit_loop.restarting and fit_loop._combined_loader_states_to_load:
+        fit_loop._combined_loader = None

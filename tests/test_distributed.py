@@ -1,0 +1,166 @@
+"""Distributed training and fault tolerance, through real `python train.py` processes on CPU.
+
+Each run is a tiny vit_t at 64 px on the sample data, on one thread per process so that runs are
+bitwise repeatable.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from samtrain.callbacks import read_metrics_csv
+from tests.conftest import ROOT, TINY
+
+pytestmark = pytest.mark.slow
+
+RUN = (
+    *(
+        o
+        for o in TINY
+        if not o.startswith(("trainer.max_epochs", "trainer.limit_train_batches", "data.batch"))
+    ),
+    "validate_before=false",
+    "export=false",
+    "trainer.limit_val_batches=0",
+    "trainer.max_epochs=1",
+    "data.global_batch_size=4",
+)
+
+
+def run_env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline", PYTHONPATH=str(ROOT))
+    env.pop("LOCAL_RANK", None)
+    return env
+
+
+def train(run_dir: Path, *overrides: str, launcher: tuple[str, ...] = (), check: bool = True, timeout=300):
+    """Runs `[launcher] train.py RUN overrides` with its Hydra run dir in run_dir."""
+    args = [*launcher, "train.py", *RUN, f"hydra.run.dir={run_dir}", *overrides]
+    cmd = args if launcher else [sys.executable, *args]
+    done = subprocess.run(cmd, cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=timeout)
+    if check and done.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+        )
+    return done
+
+
+def save_weights(dirpath: Path) -> tuple[str, ...]:
+    return (
+        "+callbacks.save_weights._target_=tests.fault_injection.SaveWeights",
+        f"+callbacks.save_weights.dirpath={dirpath}",
+    )
+
+
+def signal_at(step: int, name: str) -> tuple[str, ...]:
+    return (
+        "+callbacks.signal._target_=tests.fault_injection.SignalAtStep",
+        f"+callbacks.signal.step={step}",
+        f"+callbacks.signal.signal_name={name}",
+    )
+
+
+def weights(dirpath: Path, rank: int = 0) -> dict[str, torch.Tensor]:
+    return torch.load(dirpath / f"weights_rank{rank}.pt", weights_only=True)
+
+
+def train_losses(run_dir: Path) -> list[float]:
+    return [value for _, value in read_metrics_csv(run_dir / "csv" / "metrics.csv")["train/loss"]]
+
+
+def assert_same_weights(a: dict, b: dict, atol: float = 0.0) -> None:
+    assert a.keys() == b.keys()
+    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a if a[k].numel())
+    assert worst <= atol, f"weights differ by up to {worst}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tmp_path):
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    train(single, "trainer.max_steps=3", *save_weights(single))
+    train(ddp, "trainer=ddp_cpu", "trainer.max_steps=3", *save_weights(ddp))
+    assert_same_weights(weights(ddp, 0), weights(ddp, 1))  # the ranks stay in lockstep
+    single_losses, ddp_losses = train_losses(single), train_losses(ddp)
+    assert len(single_losses) == len(ddp_losses) == 3
+    assert ddp_losses == pytest.approx(single_losses, abs=1e-5)
+    assert_same_weights(weights(ddp), weights(single), atol=1e-4)
+
+
+def test_two_nodes_through_torchrun(tmp_path):
+    port = free_port()
+    processes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                "--nproc_per_node=1",
+                f"--node_rank={node}",
+                "--master_addr=127.0.0.1",
+                f"--master_port={port}",
+                "train.py",
+                *RUN,
+                f"hydra.run.dir={tmp_path / f'node{node}'}",
+                "trainer=ddp_cpu",
+                "trainer.devices=1",
+                "trainer.num_nodes=2",
+                "trainer.max_steps=2",
+                *save_weights(tmp_path),
+            ],
+            cwd=ROOT,
+            env=run_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for node in range(2)
+    ]
+    outputs = [p.communicate(timeout=300)[0] for p in processes]
+    for p, out in zip(processes, outputs, strict=True):
+        assert p.returncode == 0, out[-5000:]
+    assert_same_weights(weights(tmp_path, 0), weights(tmp_path, 1))
+    assert len(train_losses(tmp_path / "node0")) == 2
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict[str, torch.Tensor]:
+    run = tmp_path_factory.mktemp("uninterrupted")
+    train(run, "trainer.max_steps=8", "callbacks.step_checkpoint.every_n_train_steps=3", *save_weights(run))
+    return weights(run)
+
+
+def test_kill_9_mid_epoch_then_resume_gives_the_uninterrupted_weights(tmp_path, uninterrupted):
+    steps = ("trainer.max_steps=8", "callbacks.step_checkpoint.every_n_train_steps=3")
+    killed = train(tmp_path, *steps, *signal_at(5, "SIGKILL"), check=False)
+    assert killed.returncode == -9
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=True)
+    assert checkpoint["global_step"] == 3  # mid-epoch: an epoch here is 12 steps
+    resumed = tmp_path / "resumed"
+    train(resumed, *steps, f"ckpt_path={last}", *save_weights(resumed))
+    assert_same_weights(weights(resumed), uninterrupted)
+
+
+def test_sigterm_saves_a_loadable_checkpoint_and_exits_cleanly(tmp_path, uninterrupted):
+    steps = ("trainer.max_steps=8", "callbacks.step_checkpoint.every_n_train_steps=100")
+    done = train(tmp_path, *steps, *signal_at(2, "SIGTERM"), check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=True)
+    assert 2 <= checkpoint["global_step"] < 8
+    resumed = tmp_path / "resumed"
+    train(resumed, *steps, f"ckpt_path={last}", *save_weights(resumed))
+    assert_same_weights(weights(resumed), uninterrupted)
