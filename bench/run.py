@@ -8,14 +8,13 @@ into encoder, decoder loop, prompt sampler and optimizer. Prints a Markdown tabl
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import platform
-import time
 
 import torch
 
 import samtrain.sam_module as sam_module
+from bench.common import FunctionClock, synthetic_batch, timed
 from samtrain.models import build_sam
 from samtrain.sam_module import SamModule
 
@@ -23,59 +22,11 @@ CASES = {"vit_t": (128, 4, 4), "vit_b": (256, 2, 16)}  # variant: (image size, i
 SAMPLERS = ("sample_initial_prompts", "sample_error_points", "click_schedule", "step_generators")
 
 
-def synthetic_batch(batch_size: int, masks_per_image: int, image_size: int, seed: int = 0) -> dict:
-    """Random images with elliptic instance masks of varied size."""
-    g = torch.Generator().manual_seed(seed)
-    n = batch_size * masks_per_image
-    yy, xx = torch.meshgrid(torch.arange(image_size), torch.arange(image_size), indexing="ij")
-    centre = torch.rand(n, 2, generator=g) * image_size
-    radii = (0.05 + 0.25 * torch.rand(n, 2, generator=g)) * image_size
-    masks = ((xx - centre[:, :1, None]) / radii[:, :1, None]) ** 2 + (
-        (yy - centre[:, 1:, None]) / radii[:, 1:, None]
-    ) ** 2 <= 1
-    return {
-        "image": torch.randn(batch_size, 3, image_size, image_size, generator=g),
-        "masks": masks,
-        "mask_image_index": torch.arange(batch_size).repeat_interleave(masks_per_image),
-        "input_size": torch.full((batch_size, 2), image_size),
-    }
-
-
-class SamplerClock:
+class SamplerClock(FunctionClock):
     """Accumulates the wall time spent inside samtrain's prompt sampling functions."""
 
     def __init__(self) -> None:
-        self.seconds = 0.0
-
-    def wrap(self, fn):
-        @functools.wraps(fn)
-        def timed(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.seconds += time.perf_counter() - start
-
-        return timed
-
-    @contextlib.contextmanager
-    def installed(self):
-        originals = {name: getattr(sam_module, name) for name in SAMPLERS}
-        for name, fn in originals.items():
-            setattr(sam_module, name, self.wrap(fn))
-        try:
-            yield self
-        finally:
-            for name, fn in originals.items():
-                setattr(sam_module, name, fn)
-
-
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - start) / repeats
+        super().__init__(sam_module, SAMPLERS)
 
 
 def bench_case(variant: str, image_size: int, batch_size: int, masks: int, repeats: int) -> dict:

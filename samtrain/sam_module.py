@@ -10,15 +10,22 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from pytorch_lightning.strategies import FSDPStrategy
+from torch.utils.checkpoint import checkpoint
 
+from samtrain.data.datamodule import set_stream_epoch
 from samtrain.evaluation import evaluate_batch, input_regions, logits_to_masks
+from samtrain.fault_tolerance import load_pending_loader_state
 from samtrain.losses import SamLoss, sam_loss
 from samtrain.metrics import InteractiveMetrics
+from samtrain.models.image_encoder import set_encoder_checkpointing
+from samtrain.models.lora import has_lora
 from samtrain.models.prompt_encoder import BOX_TOP_LEFT, NEGATIVE, POSITIVE
 from samtrain.models.sam import Sam
 from samtrain.optim import build_scheduler, sam_param_groups
@@ -100,6 +107,11 @@ class SamModule(pl.LightningModule):
         seed: seeds the per-step prompt draws (with the global step and each mask's identity).
         val_max_clicks: clicks of the validation click curve (1 for the cheap metrics only).
         val_full_curve_every: run the full curve every n validation epochs (0: never).
+        encoder_checkpointing: recompute the encoder blocks' activations in the backward pass
+            (timm's set_grad_checkpointing) instead of keeping them.
+        decoder_checkpointing: the same for each decoder pass (prompt encoder + mask decoder).
+        compile: torch.compile the image encoder and the mask decoder's transformer and upscaling
+            in place (``Sam.compile_parts``) in ``configure_model``; True or torch.compile kwargs.
     """
 
     def __init__(
@@ -117,6 +129,9 @@ class SamModule(pl.LightningModule):
         seed: int = 0,
         val_max_clicks: int = 20,
         val_full_curve_every: int = 1,
+        encoder_checkpointing: bool = False,
+        decoder_checkpointing: bool = False,
+        compile: bool | dict = False,
     ) -> None:
         super().__init__()
         # Plain values only, so checkpoints load with torch.load(weights_only=True).
@@ -132,8 +147,14 @@ class SamModule(pl.LightningModule):
         unknown = set(self.freeze) - set(SAM_PARTS)
         if unknown:
             raise ValueError(f"freeze: unknown parts {sorted(unknown)}; choose from {SAM_PARTS}")
+        if "image_encoder" in self.freeze and has_lora(self.net.image_encoder):
+            raise ValueError("freeze: image_encoder would freeze its LoRA layers too; LoRA freezes the rest")
         for part in self.freeze:
             getattr(self.net, part).requires_grad_(False)
+        if encoder_checkpointing:
+            set_encoder_checkpointing(self.net.image_encoder)
+        self.decoder_checkpointing = decoder_checkpointing
+        self.compile_options = ({} if compile is True else dict(compile)) if compile else None
         self.val_max_clicks = val_max_clicks
         self.val_full_curve_every = val_full_curve_every
         self.val_metrics = InteractiveMetrics(clicks=[k for k in (1, 3, 5, 9) if k <= val_max_clicks])
@@ -148,6 +169,8 @@ class SamModule(pl.LightningModule):
     def image_embeddings(self, batch: dict) -> torch.Tensor:
         """(B, 256, S/16, S/16): the batch's cached embeddings when it carries them, else the encoder's."""
         if "image_embedding" in batch:
+            if "image_encoder" not in self.freeze:
+                raise ValueError("cached image embeddings need image_encoder in model.freeze")
             return batch["image_embedding"]
         return self.encode(batch["image"])
 
@@ -174,11 +197,17 @@ class SamModule(pl.LightningModule):
         self, embeddings: torch.Tensor, image_indices: torch.Tensor, state: PassState
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One pass over all masks -> logits (N, 4, S/4, S/4), iou_pred (N, 4), candidates (N, 4)."""
-        logits, iou_pred = self.net.decode_masks(
+        decode = self.net.decode_masks
+        if self.decoder_checkpointing and torch.is_grad_enabled():
+            decode = partial(checkpoint, decode, use_reentrant=False)
+        # The prompts carry their own padding (a point is [point, pad], a box its two corners), so
+        # each mask's tokens are exactly those the official predictor builds for the same prompt.
+        logits, iou_pred = decode(
             embeddings,
             points=(state.coords, state.labels),
             mask_inputs=state.mask_input,
             image_indices=image_indices,
+            pad_points=False,
         )
         return logits, iou_pred, output_candidates(state.labels, logits.shape[1])
 
@@ -266,15 +295,23 @@ class SamModule(pl.LightningModule):
         return result.true_iou.gather(1, result.chosen[:, None]).mean()
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
-        if "image" not in batch:  # every sample of the batch was unreadable (skipped and counted)
+        if "masks" not in batch:  # every sample of the batch was unreadable (skipped and counted)
             return None
         loss, logs = self.interactive_loss(batch)
-        batch_size = batch["image"].shape[0]
+        batch_size = batch["input_size"].shape[0]
         loss_value = logs.pop("loss")
-        self.log("train/loss", loss_value, prog_bar=True, batch_size=batch_size)
+        # The mean over ranks is the loss of the global batch (each rank's loss is normalised by the
+        # mean mask count per rank), so a DDP run logs what one process with its global batch would.
+        self.log("train/loss", loss_value, prog_bar=True, batch_size=batch_size, sync_dist=True)
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=batch_size)
         self.log("train/num_masks", float(batch["masks"].shape[0]), batch_size=batch_size)
         return loss
+
+    def on_train_start(self) -> None:
+        load_pending_loader_state(self.trainer)
+
+    def on_train_epoch_start(self) -> None:
+        set_stream_epoch(self.trainer)
 
     # ------------------------------------------------------------------ validation
 
@@ -291,7 +328,7 @@ class SamModule(pl.LightningModule):
         self._clicks_this_epoch = self.val_clicks()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        if "image" not in batch:
+        if "masks" not in batch:  # every sample was unreadable
             return
         out = evaluate_batch(self.net, batch, max_clicks=self._clicks_this_epoch)
         self.val_metrics.update(out["ious"], box_ious=out["box_ious"], pred_ious=out["pred_ious"])
@@ -304,6 +341,20 @@ class SamModule(pl.LightningModule):
         self.log_dict({f"val/{k}": v.float() for k, v in metrics.items()}, sync_dist=True)
 
     # ------------------------------------------------------------------ optimisation
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        """Norm clipping as configured; under FSDP through the sharded root module, whose
+        ``clip_grad_norm_`` computes the norm over every rank's shard."""
+        if gradient_clip_val and isinstance(self.trainer.strategy, FSDPStrategy):
+            self.trainer.model.clip_grad_norm_(gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def configure_model(self) -> None:
+        """Compile the encoder and decoder in place when ``compile`` is set (state-dict keys unchanged);
+        Lightning calls this before fitting, validating and testing, and a second call does nothing."""
+        if self.compile_options is not None and not self.net.compiled:
+            self.net.compile_parts(**self.compile_options)
 
     def configure_optimizers(self):
         groups = sam_param_groups(

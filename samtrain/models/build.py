@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 from samtrain.models.image_encoder import ENCODER_SPECS, PATCH_SIZE, build_image_encoder
+from samtrain.models.lora import add_lora
 from samtrain.models.mae_transfer import init_encoder_from_mae
 from samtrain.models.mask_decoder import MaskDecoder
 from samtrain.models.prompt_encoder import PromptEncoder
@@ -26,6 +27,7 @@ def build_sam(
     drop_path_rate: float = 0.0,
     encoder_init: str | Path | None = None,
     strict: bool = True,
+    lora: dict | None = None,
 ) -> Sam:
     """A SAM model of the given variant (vit_t | vit_b | vit_l | vit_h) at image_size.
 
@@ -33,6 +35,8 @@ def build_sam(
     ``.safetensors``) or a Lightning checkpoint; weights made at another image size are resampled.
     ``encoder_init`` initialises the image encoder from MAE weights (``pretrain_mae.py``'s
     ``mae_encoder.safetensors`` or timm's MAE ViT); a full ``checkpoint`` still overrides it.
+    ``lora`` (``{rank, alpha, targets, dropout}``, see ``samtrain.models.lora.add_lora``) adds LoRA
+    layers to the encoder after the weights are loaded and freezes the encoder's other parameters.
     """
     grid = image_size // PATCH_SIZE
     model = Sam(
@@ -60,4 +64,7 @@ def build_sam(
 
         report = load_sam_checkpoint(model, checkpoint, strict=strict)
         log.info("%s", report)
+    if lora:
+        wrapped = add_lora(model.image_encoder, **lora)
+        log.info("LoRA on %d encoder layers, the rest of the encoder frozen: %s", len(wrapped), wrapped)
     return model

@@ -1,7 +1,9 @@
 """Checkpoint I/O in the official SAM key layout (``.pth``) or safetensors.
 
 samtrain's image encoder is timm's samvit, whose MLP layers are named ``fc1/fc2`` where the
-official encoder says ``lin1/lin2``; everything else keeps the official names.
+official encoder says ``lin1/lin2``; everything else keeps the official names. LoRA layers
+(``samtrain.models.lora``) are merged into plain weights on export, and on loading a LoRA run's
+checkpoint into a model without LoRA.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from timm.layers import resample_abs_pos_embed_nhwc
 from torch import nn
+
+from samtrain.models.lora import LORA_SUFFIXES, merge_lora_state
 
 _PREFIXES = ("module.", "model.", "net.", "_orig_mod.")  # DDP, wrappers, SamModule, torch.compile
 _ENCODER_MLP = re.compile(r"^(image_encoder\.blocks\.\d+\.mlp\.)(lin|fc)([12]\.)")
@@ -113,6 +117,8 @@ def load_sam_checkpoint(model: nn.Module, path: str | Path, *, strict: bool = Tr
     """
     state = official_to_samtrain(read_state_dict(path))
     model_state = model.state_dict()
+    if not any(k.endswith(LORA_SUFFIXES) for k in model_state):
+        state = merge_lora_state(state)
     report = LoadReport(path=str(path))
     report.resampled = resample_position_tensors(state, model_state)
     report.missing = sorted(set(model_state) - set(state))
@@ -141,10 +147,12 @@ def load_sam_checkpoint(model: nn.Module, path: str | Path, *, strict: bool = Tr
 
 
 def export_sam_checkpoint(model: nn.Module, path: str | Path) -> Path:
-    """Write the model's weights in the official SAM layout; safetensors when the suffix says so."""
+    """Write the model's weights in the official SAM layout; safetensors when the suffix says so.
+    LoRA layers are written merged into their base weights (the model itself is left as it is)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = samtrain_to_official({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
+    merged = merge_lora_state({k: v.detach() for k, v in model.state_dict().items()})
+    state = samtrain_to_official({k: v.cpu().contiguous() for k, v in merged.items()})
     tmp = path.with_name(path.name + ".tmp")
     if path.suffix == ".safetensors":
         save_file(state, str(tmp))

@@ -54,3 +54,17 @@ def build_image_encoder(variant: str, *, image_size: int, drop_path_rate: float 
         num_classes=0,
         global_pool="",
     )
+
+
+def set_encoder_checkpointing(encoder: nn.Module, enable: bool = True) -> None:
+    """Activation checkpointing of every encoder block (timm's ``set_grad_checkpointing``): the
+    blocks keep only their inputs in the forward pass and recompute the rest in the backward pass.
+
+    timm checkpoints non-reentrantly unless ``timm.layers.set_reentrant_ckpt(True)`` was called;
+    reentrant checkpointing would drop the gradients of LoRA layers behind a frozen patch embedding.
+    """
+    if not hasattr(encoder, "set_grad_checkpointing"):
+        raise TypeError(f"{type(encoder).__name__} has no set_grad_checkpointing (not a timm model)")
+    if enable and getattr(timm.layers, "use_reentrant_ckpt", lambda: False)():
+        raise ValueError("encoder checkpointing needs timm's non-reentrant mode: set_reentrant_ckpt(False)")
+    encoder.set_grad_checkpointing(enable)

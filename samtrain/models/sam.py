@@ -34,12 +34,29 @@ class Sam(nn.Module):
         self.mask_decoder = mask_decoder
         self.image_size = image_size
         self.variant = variant
+        self.compiled = False  # set by compile_parts
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), persistent=False)
 
     @property
     def device(self) -> torch.device:
         return self.pixel_mean.device
+
+    def compiled_parts(self) -> dict[str, nn.Module]:
+        """The submodules ``compile_parts`` compiles: the encoder and the decoder's heavy blocks.
+        The prompt loop around them stays eager (its prompts are drawn from the data)."""
+        return {
+            "image_encoder": self.image_encoder,
+            "mask_decoder.transformer": self.mask_decoder.transformer,
+            "mask_decoder.output_upscaling": self.mask_decoder.output_upscaling,
+        }
+
+    def compile_parts(self, **options: Any) -> None:
+        """torch.compile each of ``compiled_parts`` in place (``nn.Module.compile``), so parameter
+        names and state-dict keys stay as they are; ``options`` go to torch.compile."""
+        for module in self.compiled_parts().values():
+            module.compile(**options)
+        self.compiled = True
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         """Resized 0-255 RGB (B, 3, h, w) -> normalised and zero-padded (B, 3, S, S)."""
@@ -63,6 +80,7 @@ class Sam(nn.Module):
         boxes: torch.Tensor | None = None,
         mask_inputs: torch.Tensor | None = None,
         image_indices: torch.Tensor | None = None,
+        pad_points: bool | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompt encoder + mask decoder for N prompts over B image embeddings, all outputs.
 
@@ -72,12 +90,15 @@ class Sam(nn.Module):
             boxes: (N, 4) xyxy in the model input frame.
             mask_inputs: (N, 1, 4h, 4w) logits fed back as the dense prompt.
             image_indices: (N,) the image each prompt belongs to (None: one image, B = 1).
+            pad_points: see :class:`PromptEncoder` (None: pad points when there is no box).
 
         Returns:
             low-res logits (N, 4, 4h, 4w) and IoU predictions (N, 4); output 0 is the
             single-mask output, 1: the multimask outputs.
         """
-        sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=mask_inputs)
+        sparse, dense = self.prompt_encoder(
+            points=points, boxes=boxes, masks=mask_inputs, pad_points=pad_points
+        )
         return self.mask_decoder.predict_masks(
             image_embeddings, self.prompt_encoder.get_dense_pe(), sparse, dense, image_indices
         )

@@ -1,0 +1,267 @@
+"""Peak memory and time of one training step with activation checkpointing: `python -m bench.memory`.
+
+One step is SamModule.interactive_loss (encoder once, 1 + 8 + 2 decoder passes over every mask)
++ backward + AdamW step, on a synthetic batch (vit_b at 256 px, 2 images x 16 masks by default).
+Time: one fresh subprocess runs ``--repeats`` rounds of one step per mode (plain, encoder /
+decoder / both checkpointed), the modes interleaved on one module after a warm-up step; the
+median per mode. Memory: a fresh subprocess per mode, one warm-up step (so AdamW's state
+exists), then one step measured:
+
+- tensor peak: resident tensors at the step's start (parameters, AdamW state) plus the most
+  bytes of tensor storage that the step itself held alive at once. A TorchDispatchMode sees
+  every op of the forward, the backward (recomputation included) and the optimizer, counts each
+  new output storage once and subtracts it when the storage is freed (a weakref callback).
+  Exact for tensors; kernels' own scratch buffers are not tensors and are not seen.
+- RSS: the process's peak resident set during the step over its RSS at the start (Linux: VmHWM
+  after resetting it through /proc/self/clear_refs), with glibc's mmap threshold fixed at 64 KiB
+  so that freed tensors go back to the system. A cross-check; includes allocator overheads.
+- on a GPU: torch.cuda.max_memory_allocated over the step (resident included).
+
+Prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import weakref
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.weak import WeakIdKeyDictionary
+
+from bench.common import synthetic_batch
+from samtrain.models import build_sam
+from samtrain.sam_module import SamModule
+
+MODES = {
+    "plain": {},
+    "encoder ckpt": {"encoder_checkpointing": True},
+    "decoder ckpt": {"decoder_checkpointing": True},
+    "both": {"encoder_checkpointing": True, "decoder_checkpointing": True},
+}
+GIB = 2**30
+
+
+class StoragePeak(TorchDispatchMode):
+    """The peak bytes of tensor storage alive at once among the storages that ops create while the
+    mode is active. Outputs that share an input's storage (views, in-place ops) are not new."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = WeakIdKeyDictionary()
+        self.current = 0
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if _is_dense(t)}
+        for t in tree_leaves(out):
+            if _is_dense(t):
+                storage = t.untyped_storage()
+                if storage.data_ptr() not in inputs and storage not in self.seen:
+                    self._add(storage)
+        return out
+
+    def _add(self, storage: torch.UntypedStorage) -> None:
+        size = storage.nbytes()
+        self.seen[storage] = size
+        weakref.finalize(storage, partial(self._free, size))
+        self.current += size
+        self.peak = max(self.peak, self.current)
+
+    def _free(self, size: int) -> None:
+        self.current -= size
+
+
+def _is_dense(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.layout == torch.strided and t.device.type != "meta"
+
+
+def resident_bytes(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the distinct storages of parameters, buffers, gradients and optimizer state."""
+    tensors = [*module.parameters(), *module.buffers(), *(p.grad for p in module.parameters())]
+    tensors += [v for state in optimizer.state.values() for v in state.values()]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if _is_dense(t)}
+    return sum(storages.values())
+
+
+def proc_status_kib(field: str) -> int | None:
+    status = Path("/proc/self/status")
+    if not status.exists():
+        return None
+    for line in status.read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return None
+
+
+def reset_peak_rss() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def setup_step(args: argparse.Namespace, mode: str):
+    """A SamModule in the given mode and a function running one full training step (warmed up)."""
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    module = SamModule(
+        net=build_sam(args.variant, image_size=args.image_size), optimizer=torch.optim.AdamW, **MODES[mode]
+    ).to(device)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-5)
+    batch = {k: v.to(device) for k, v in synthetic_batch(args.images, args.masks, args.image_size).items()}
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss, _ = module.interactive_loss(batch)
+        loss.backward()
+        optimizer.step()
+        sync()
+
+    step()  # warm-up: AdamW's state, allocator and kernel caches
+    optimizer.zero_grad(set_to_none=True)
+    return module, optimizer, step
+
+
+def set_mode(module: SamModule, mode: str) -> None:
+    switches = MODES[mode]
+    module.net.image_encoder.set_grad_checkpointing(switches.get("encoder_checkpointing", False))
+    module.decoder_checkpointing = switches.get("decoder_checkpointing", False)
+
+
+def measure_time(args: argparse.Namespace) -> dict[str, float]:
+    """Median step seconds of each mode, the modes interleaved on one module so that the machine's
+    drift hits them alike."""
+    module, _, step = setup_step(args, "plain")
+    times: dict[str, list[float]] = {mode: [] for mode in args.modes}
+    for _ in range(args.repeats):
+        for mode in args.modes:
+            set_mode(module, mode)
+            start = time.perf_counter()
+            step()
+            times[mode].append(time.perf_counter() - start)
+    return {mode: statistics.median(t) for mode, t in times.items()}
+
+
+def measure_memory(args: argparse.Namespace, mode: str) -> dict:
+    """Resident bytes at a step's start and the step's own peak (see the module docstring)."""
+    module, optimizer, step = setup_step(args, mode)
+    result = {"resident": resident_bytes(module, optimizer)}
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        result["cuda_peak"] = torch.cuda.max_memory_allocated()
+    rss_start = proc_status_kib("VmRSS")
+    rss_ok = reset_peak_rss() and rss_start is not None
+    with StoragePeak() as tracker:
+        step()
+    result["step_peak"] = tracker.peak
+    if rss_ok:
+        result["rss_peak_over_start"] = (proc_status_kib("VmHWM") - rss_start) * 1024
+    return result
+
+
+def run_worker(args: argparse.Namespace, worker: str, env: dict[str, str] | None = None):
+    """Run ``--worker time`` or ``--worker MODE`` (memory) in a fresh subprocess; its JSON result."""
+    command = [sys.executable, "-m", "bench.memory", "--worker", worker, *worker_args(args)]
+    done = subprocess.run(
+        command, env={**os.environ, **(env or {})}, capture_output=True, text=True, check=False
+    )
+    if done.returncode:
+        raise RuntimeError(f"worker {worker!r} failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# Only the memory runs fix glibc's mmap threshold: an mmap and fresh zeroed pages for every tensor
+# would slow a step several times over.
+MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def worker_args(args: argparse.Namespace) -> list[str]:
+    return [
+        f"--variant={args.variant}",
+        f"--image-size={args.image_size}",
+        f"--images={args.images}",
+        f"--masks={args.masks}",
+        f"--repeats={args.repeats}",
+        f"--device={args.device}",
+        "--modes",
+        *args.modes,
+        *([f"--threads={args.threads}"] if args.threads else []),
+    ]
+
+
+HEADER = (
+    "| mode | step (s) | time vs plain | peak (GiB) | peak vs plain | step's own tensors (GiB) "
+    "| RSS peak over start (GiB) |\n|---|---|---|---|---|---|---|"
+)
+
+
+def row(mode: str, r: dict, plain: dict, gpu: bool) -> str:
+    """One Markdown row; peak = CUDA's peak allocation, or resident + the step's own tensor peak."""
+
+    def total(m: dict) -> int:
+        return m["cuda_peak"] if gpu else m["resident"] + m["step_peak"]
+
+    rss = r.get("rss_peak_over_start")
+    return (
+        f"| {mode} | {r['step_s']:.2f} | {r['step_s'] / plain['step_s'] - 1:+.0%} "
+        f"| {total(r) / GIB:.2f} | {total(r) / total(plain) - 1:+.0%} | {r['step_peak'] / GIB:.2f} "
+        f"| {'n/a' if rss is None else f'{rss / GIB:.2f}'} |"
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--variant", default="vit_b")
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--images", type=int, default=2)
+    parser.add_argument("--masks", type=int, default=16, help="masks per image")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--worker", choices=["time", *MODES], help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.worker:
+        result = measure_time(args) if args.worker == "time" else measure_memory(args, args.worker)
+        print(json.dumps(result))
+        return
+    gpu = args.device.startswith("cuda")
+    where = torch.cuda.get_device_name() if gpu else (platform.processor() or platform.machine())
+    print(
+        f"{args.variant} {args.image_size}px, {args.images} img x {args.masks} masks, 1 + 8 + 2 passes; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {where}, fp32; "
+        f"peak = {'torch.cuda.max_memory_allocated' if gpu else 'resident tensors + the step own tensor peak'}"
+    )
+    if "plain" not in args.modes:
+        raise SystemExit("--modes must include plain (the reference)")
+    times = run_worker(args, "time")
+    results = {mode: {"step_s": times[mode], **run_worker(args, mode, MEMORY_ENV)} for mode in args.modes}
+    print(HEADER)
+    print("\n".join(row(mode, r, results["plain"], gpu) for mode, r in results.items()))
+
+
+if __name__ == "__main__":
+    main()
