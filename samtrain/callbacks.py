@@ -35,6 +35,7 @@ from samtrain import visualize as vis
 from samtrain.evaluation import box_prediction, trace_clicks
 
 __all__ = [
+    "EmbeddingCache",
     "MetricCurves",
     "PredictionGallery",
     "SkippedSamplesBudget",
@@ -606,3 +607,54 @@ class WandbCheckpointArtifact(pl.Callback):
                 if alias == "best" and score is not None:
                     metadata["score"] = float(score)
         return list(files.values())
+
+
+class EmbeddingCache(pl.Callback):
+    """Cached-embedding mode: at setup, the frozen image encoder runs once over every image of the
+    datamodule's datasets (eval transform, no augmentation), the embeddings and masks go to
+    ``<dir>/<split>`` (see :mod:`samtrain.data.embedding_cache`), and the datasets are replaced by
+    readers of those caches, so each step runs the prompt encoder and mask decoder only.
+
+    A cache is reused while its key (encoder weights, image size, preprocessing, dataset, precision,
+    dtype) matches and rebuilt otherwise. The image encoder must be frozen (``model.freeze``).
+
+    Args:
+        dir: the cache root; one sub-folder per split.
+        dtype: "float16" (2 MiB per image at 1024 px) or "float32".
+        batch_size: images per encoder call while building.
+        num_workers: DataLoader workers reading images while building.
+    """
+
+    def __init__(
+        self, *, dir: str | Path, dtype: str = "float16", batch_size: int = 8, num_workers: int = 0
+    ) -> None:
+        self.dir = Path(dir)
+        self.dtype = dtype
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.encoder_digest: str | None = None
+
+    def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from samtrain.data.embedding_cache import attach_embedding_caches
+
+        attached = attach_embedding_caches(
+            trainer,
+            pl_module.net,
+            self.dir,
+            dtype=self.dtype,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+        )
+        digests = {d.manifest["components"]["encoder"] for d in attached.values()}
+        self.encoder_digest = digests.pop() if len(digests) == 1 else None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._attach(trainer, pl_module)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A resumed run restores the weights after setup: a checkpoint with another encoder rebuilds.
+        from samtrain.data.embedding_cache import encoder_fingerprint
+
+        if encoder_fingerprint(pl_module.net.image_encoder) != self.encoder_digest:
+            log.warning("EmbeddingCache: the encoder changed after setup (checkpoint restore); re-checking")
+            self._attach(trainer, pl_module)

@@ -253,11 +253,13 @@ def box_iou(
 def evaluate_batch(
     model: Any, batch: dict[str, torch.Tensor], *, max_clicks: int = 20
 ) -> dict[str, torch.Tensor]:
-    """Run the image encoder once and both protocols on a collated batch.
+    """Run the image encoder once (or take the batch's cached embeddings) and both protocols on a
+    collated batch.
 
     Args:
         model: ``Sam``.
-        batch: ``"image"`` ``(B, 3, S, S)`` normalised and padded, ``"masks"`` ``(N, S, S) bool``,
+        batch: ``"image"`` ``(B, 3, S, S)`` normalised and padded, or ``"image_embedding"``
+            ``(B, C, S/16, S/16)`` (cached-embedding mode), ``"masks"`` ``(N, S, S) bool``,
             ``"mask_image_index"`` ``(N,) int64``, ``"input_size"`` ``(B, 2) int64``.
         max_clicks: K.
 
@@ -267,7 +269,9 @@ def evaluate_batch(
         :class:`samtrain.metrics.InteractiveMetrics` as
         ``update(ious, box_ious=box_ious, pred_ious=pred_ious)``.
     """
-    embeddings = model.image_encoder(batch["image"])
+    embeddings = (
+        batch["image_embedding"] if "image_embedding" in batch else model.image_encoder(batch["image"])
+    )
     kwargs = dict(image_indices=batch["mask_image_index"], input_sizes=batch["input_size"])
     ious, pred_ious = click_curve(model, embeddings, batch["masks"], max_clicks=max_clicks, **kwargs)
     box_ious, box_pred_ious = box_iou(model, embeddings, batch["masks"], **kwargs)

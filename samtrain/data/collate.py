@@ -14,7 +14,8 @@ def collate_sam_batch(samples: Sequence[dict | None]) -> dict:
     a batch whose samples all failed holds only ``"num_skipped"``.
 
     Returns:
-        "image":            float32 (B, 3, S, S)
+        "image":            float32 (B, 3, S, S), or "image_embedding" float32 (B, C, S/16, S/16) for
+                            samples read from an embedding cache
         "masks":            bool (N, S, S), every image's masks in image order (N = sum of K_i)
         "mask_image_index": int64 (N,), the batch index of each mask's image
         "input_size":       int64 (B, 2)
@@ -28,12 +29,13 @@ def collate_sam_batch(samples: Sequence[dict | None]) -> dict:
     samples = [s for s in samples if s is not None]
     if not samples:
         return {"num_skipped": num_skipped}
-    sizes = {tuple(s["image"].shape) for s in samples}
+    key = "image_embedding" if "image_embedding" in samples[0] else "image"
+    sizes = {tuple(s[key].shape) for s in samples}
     if len(sizes) != 1:
-        raise ValueError(f"collate_sam_batch: samples have different image shapes {sorted(sizes)}")
+        raise ValueError(f"collate_sam_batch: samples have different {key} shapes {sorted(sizes)}")
     counts = torch.tensor([len(s["masks"]) for s in samples], dtype=torch.int64)
     return {
-        "image": torch.stack([s["image"] for s in samples]),
+        key: torch.stack([s[key] for s in samples]),
         "masks": torch.cat([s["masks"] for s in samples]),
         "mask_image_index": torch.repeat_interleave(torch.arange(len(samples)), counts),
         "input_size": torch.stack([torch.as_tensor(s["input_size"], dtype=torch.int64) for s in samples]),
