@@ -9,7 +9,7 @@ import hydra
 import pytest
 import torch
 
-from samtrain.sam_module import output_candidates
+from samtrain.sam_module import PassState, output_candidates
 
 EXPECTED_LOSSES = Path(__file__).parent / "data" / "expected_losses.json"
 
@@ -183,3 +183,30 @@ def test_cheap_validation_epochs_report_no_click_counts(tiny_cfg):
     metrics = train(cfg)
     assert "val/mIoU@1" in metrics and "val/box_mIoU" in metrics
     assert not any(k.startswith(("val/NoC", "val/NoF")) for k in metrics)
+
+
+def test_training_prompts_get_the_tokens_the_official_predictor_builds(tiny_cfg):
+    """A point-first prompt is [point, pad, clicks], a box-first one [corners, clicks]: decoded
+    without extra padding, they equal the official encoding (points padded when there is no box)."""
+    module = hydra.utils.instantiate(tiny_cfg().model)
+    net = module.net.eval()
+    embeddings = torch.randn(1, 256, 4, 4)
+    click, point = torch.tensor([[[20.0, 30.0]]]), torch.tensor([[[5.0, 9.0]]])
+    box = torch.tensor([[3.0, 4.0, 40.0, 50.0]])
+    state = PassState(
+        coords=torch.cat(
+            [torch.cat([point, torch.zeros(1, 1, 2), click], 1), torch.cat([box.view(1, 2, 2), click], 1)]
+        ),
+        labels=torch.tensor([[1, -1, 0], [2, 3, 0]]),
+        mask_input=None,
+        pred_masks=None,
+    )
+    with torch.no_grad():
+        logits, iou, _ = module.decoder_pass(embeddings, torch.zeros(2, dtype=torch.long), state)
+        point_first = net.decode_masks(
+            embeddings, points=(torch.cat([point, click], 1), torch.tensor([[1, 0]]))
+        )
+        box_first = net.decode_masks(embeddings, points=(click, torch.tensor([[0]])), boxes=box)
+    torch.testing.assert_close(logits[:1], point_first[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits[1:], box_first[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(iou, torch.cat([point_first[1], box_first[1]]), atol=1e-5, rtol=1e-5)

@@ -3,9 +3,58 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from samtrain.models.common import MLP, LayerNorm2d, batched_mlp
+
+
+def _deconv2x2_as_linear(deconv: nn.ConvTranspose2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """A 2x2, stride-2 transposed convolution as a linear map on channels-last pixels: weight
+    (4 * C_out, C_in) and bias (4 * C_out,), outputs ordered (row offset, column offset, channel)."""
+    c_in, c_out = deconv.weight.shape[:2]
+    weight = deconv.weight.permute(2, 3, 1, 0).reshape(4 * c_out, c_in)
+    return weight, deconv.bias.repeat(4)
+
+
+class OutputUpscaling(nn.Sequential):
+    """SAM's output upscaling (official layout: 2x2 transposed conv, LayerNorm2d, activation, 2x2
+    transposed conv, activation), computed channels-last.
+
+    Each stride-2 transposed convolution with a 2x2 kernel maps every pixel to its own 2x2 block,
+    so it is a matmul over channels; the LayerNorm over channels is then ``F.layer_norm`` on the
+    last dimension. Nothing is transposed to NCHW on the way: the output keeps every pixel's 4 x 4
+    block of sub-pixels together, and :meth:`blocks_to_image` puts them in place (done after the
+    hypernetwork product, on 8 times less data).
+    """
+
+    def __init__(self, transformer_dim: int, activation: type[nn.Module]) -> None:
+        super().__init__(
+            nn.ConvTranspose2d(transformer_dim, transformer_dim // 4, kernel_size=2, stride=2),
+            LayerNorm2d(transformer_dim // 4),
+            activation(),
+            nn.ConvTranspose2d(transformer_dim // 4, transformer_dim // 8, kernel_size=2, stride=2),
+            activation(),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (N, h, w, C) channels-last -> (N, h, w, 2, 2, 2, 2, C / 8): output pixel
+        (4i + 2a + c, 4j + 2b + d) of the official (N, C / 8, 4h, 4w) is [n, i, j, a, b, c, d]."""
+        up1, norm, act1, up2, act2 = self
+        n, h, w, _ = x.shape
+        x = F.linear(x, *_deconv2x2_as_linear(up1))  # (N, h, w, 2 * 2 * C/4), (a, b, channel)
+        c1 = up1.weight.shape[1]
+        x = act1(F.layer_norm(x.view(n, h, w, 2, 2, c1), (c1,), norm.weight, norm.bias, norm.eps))
+        x = act2(F.linear(x, *_deconv2x2_as_linear(up2)))  # (N, h, w, 2, 2, 2 * 2 * C/8)
+        return x.view(n, h, w, 2, 2, 2, 2, up2.weight.shape[1])
+
+    @staticmethod
+    def blocks_to_image(x: torch.Tensor) -> torch.Tensor:
+        """(..., h, w, 2, 2, 2, 2) -> (..., 4h, 4w)."""
+        *lead, h, w = x.shape[:-4]
+        d = len(lead)
+        x = x.permute(*range(d), d, d + 2, d + 4, d + 1, d + 3, d + 5)
+        return x.reshape(*lead, 4 * h, 4 * w)
 
 
 class MaskDecoder(nn.Module):
@@ -32,13 +81,7 @@ class MaskDecoder(nn.Module):
         self.num_mask_tokens = num_multimask_outputs + 1
         self.iou_token = nn.Embedding(1, transformer_dim)
         self.mask_tokens = nn.Embedding(self.num_mask_tokens, transformer_dim)
-        self.output_upscaling = nn.Sequential(
-            nn.ConvTranspose2d(transformer_dim, transformer_dim // 4, kernel_size=2, stride=2),
-            LayerNorm2d(transformer_dim // 4),
-            activation(),
-            nn.ConvTranspose2d(transformer_dim // 4, transformer_dim // 8, kernel_size=2, stride=2),
-            activation(),
-        )
+        self.output_upscaling = OutputUpscaling(transformer_dim, activation)
         self.output_hypernetworks_mlps = nn.ModuleList(
             MLP(transformer_dim, transformer_dim, transformer_dim // 8, 3)
             for _ in range(self.num_mask_tokens)
@@ -88,15 +131,22 @@ class MaskDecoder(nn.Module):
         output_tokens = output_tokens.unsqueeze(0).expand(n, -1, -1).to(sparse_prompt_embeddings.dtype)
         tokens = torch.cat([output_tokens, sparse_prompt_embeddings], dim=1)
 
+        # Channels-last (N, h, w, C) from here on: the transformer reads the image as (N, hw, C)
+        # tokens, so this layout needs no transposed copy; each mask reads its image by index.
+        image_embeddings = image_embeddings.permute(0, 2, 3, 1).contiguous()
         if image_indices is not None:
             image_embeddings = image_embeddings[image_indices]
-        src = image_embeddings + dense_prompt_embeddings
-        b, c, h, w = src.shape
-        hs, src = self.transformer(src, image_pe, tokens)
+        src = (image_embeddings + dense_prompt_embeddings.permute(0, 2, 3, 1)).contiguous()
+        b, h, w, c = src.shape
+        hs, src = self.transformer(src.permute(0, 3, 1, 2), image_pe, tokens)
         iou_token_out = hs[:, 0, :]
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
 
-        upscaled = self.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
+        upscaled = self.output_upscaling(src.reshape(b, h, w, c))  # (N, h, w, 2, 2, 2, 2, C / 8)
         hyper_in = batched_mlp(self.output_hypernetworks_mlps, mask_tokens_out)  # (N, M, C / 8)
-        masks = (hyper_in @ upscaled.flatten(2)).unflatten(-1, upscaled.shape[-2:])
+        # (N, 16hw, M): the gradient of the upscaled embedding comes out contiguous this way round.
+        masks = upscaled.reshape(b, 16 * h * w, upscaled.shape[-1]) @ hyper_in.transpose(1, 2)
+        masks = OutputUpscaling.blocks_to_image(
+            masks.view(b, h, w, 2, 2, 2, 2, hyper_in.shape[1]).movedim(-1, 1)
+        )
         return masks, self.iou_prediction_head(iou_token_out)

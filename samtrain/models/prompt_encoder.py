@@ -23,10 +23,15 @@ class PositionEmbeddingRandom(nn.Module):
         self.register_buffer("positional_encoding_gaussian_matrix", scale * torch.randn((2, num_pos_feats)))
 
     def _pe_encoding(self, coords: torch.Tensor) -> torch.Tensor:
-        """coords (..., 2) normalised to [0, 1] -> (..., 2 * num_pos_feats)."""
-        coords = (2 * coords - 1) @ self.positional_encoding_gaussian_matrix
-        coords = 2 * math.pi * coords
-        return torch.cat([torch.sin(coords), torch.cos(coords)], dim=-1)
+        """coords (..., 2) normalised to [0, 1] -> (..., 2 * num_pos_feats), float32.
+
+        Always computed in float32, autocast or not: the phases reach tens of radians, where
+        bfloat16's 8-bit mantissa would misplace a point by several pixels.
+        """
+        with torch.autocast(coords.device.type, enabled=False):
+            coords = (2 * coords.float() - 1) @ self.positional_encoding_gaussian_matrix.float()
+            coords = 2 * math.pi * coords
+            return torch.cat([torch.sin(coords), torch.cos(coords)], dim=-1)
 
     def forward(self, size: tuple[int, int]) -> torch.Tensor:
         """The encoding of every cell centre of an (h, w) grid -> (C, h, w)."""
@@ -134,6 +139,8 @@ class PromptEncoder(nn.Module):
         points: tuple[torch.Tensor, torch.Tensor] | None,
         boxes: torch.Tensor | None,
         masks: torch.Tensor | None,
+        *,
+        pad_points: bool | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Official signature.
 
@@ -141,6 +148,8 @@ class PromptEncoder(nn.Module):
             points: coords (N, T, 2) as pixel (x, y) in the model input frame, labels (N, T).
             boxes: (N, 4) xyxy in the model input frame.
             masks: (N, 1, 4h, 4w) mask logits.
+            pad_points: append a padding point to the points (None: the official rule, when
+                there is no box; False for points that carry their own padding or box corners).
 
         Returns:
             sparse (N, T', C) and dense (N, C, h, w) embeddings.
@@ -150,7 +159,8 @@ class PromptEncoder(nn.Module):
         sparse = torch.empty((n, 0, self.embed_dim), device=device)
         if points is not None:
             coords, labels = points
-            sparse = torch.cat([sparse, self._embed_points(coords, labels, pad=boxes is None)], dim=1)
+            pad = boxes is None if pad_points is None else pad_points
+            sparse = torch.cat([sparse, self._embed_points(coords, labels, pad=pad)], dim=1)
         if boxes is not None:
             sparse = torch.cat([sparse, self._embed_boxes(boxes)], dim=1)
         dense = self.embed_masks(masks) if masks is not None else self.no_mask_dense(n)

@@ -123,7 +123,7 @@ class TwoWayTransformer(nn.Module):
         Returns the processed tokens (B, T, C) and image features (B, hw, C).
         """
         keys = image_embedding.flatten(2).transpose(1, 2)
-        key_pe = image_pe.flatten(2).transpose(1, 2)
+        key_pe = image_pe.flatten(2).transpose(1, 2).contiguous()
         queries = point_embedding
         for layer in self.layers:
             queries, keys = layer(queries, keys, query_pe=point_embedding, key_pe=key_pe)

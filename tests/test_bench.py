@@ -1,0 +1,35 @@
+"""The samtrain-vs-official benchmark runs end to end at a tiny size (so the script cannot rot)."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("segment_anything")
+
+from bench import official
+
+
+def test_official_benchmark_tiny(capsys):
+    results = official.main(
+        [
+            "--variant", "vit_t", "--image-size", "64", "--images", "1", "--masks", "2",
+            "--repeats", "1", "--warmup", "0", "--matmul-sizes", "128", "--no-isolate",
+        ]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    for row in (
+        "encoder forward",
+        "decoder fwd+bwd",
+        "full training step",
+        "masks x passes / s",
+        "optimizer",
+    ):
+        assert row in out
+    for timings in (results.encoder_s, results.decoder_s, results.step_s):
+        assert set(timings) == {"official", "samtrain"} and all(t > 0 for t in timings.values())
+    for side in ("official", "samtrain"):
+        assert results.memory[side]["flops"] > 0 and results.memory[side]["peak_bytes"] > 0
+        assert results.breakdown[side]["encoder"] > 0 and results.breakdown[side]["sampler"] > 0
+    # Same weights, same draws: the first-step losses agree up to the extra padding token.
+    assert results.losses["official"] == pytest.approx(results.losses["samtrain"], rel=0.05)
+    assert results.matmul_peak > 0
