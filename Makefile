@@ -34,6 +34,10 @@ lint: $(VENV)/.installed-dev
 
 bench: $(VENV)/.installed-dev
 	$(PY) -m bench.run $(ARGS)
+	$(PY) -m bench.official $(OFFICIAL_ARGS)
+	$(PY) -m bench.memory
+	$(PY) -m bench.loader
+	$(PY) -m bench.cached
 
 sample-data: $(VENV)/.installed
 	$(PY) scripts/make_sample_data.py

@@ -575,8 +575,8 @@ def report(r: Results) -> str:
         )
     lines += [
         "",
-        f"First step's loss: official {r.losses[o]:.6f}, samtrain {r.losses[s]:.6f} (same weights and draws; "
-        "samtrain's training prompts carry one more padding token per mask than the official encoder adds).",
+        f"First step's loss: official {r.losses[o]:.6f}, samtrain {r.losses[s]:.6f} "
+        "(same weights, draws and prompt tokens: the two model paths compute the same step).",
     ]
     return "\n".join(lines)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -28,7 +29,13 @@ class PositionEmbeddingRandom(nn.Module):
         Always computed in float32, autocast or not: the phases reach tens of radians, where
         bfloat16's 8-bit mantissa would misplace a point by several pixels.
         """
-        with torch.autocast(coords.device.type, enabled=False):
+        device_type = coords.device.type
+        no_autocast = (
+            torch.autocast(device_type, enabled=False)
+            if torch.amp.is_autocast_available(device_type)
+            else contextlib.nullcontext()
+        )
+        with no_autocast:
             coords = (2 * coords.float() - 1) @ self.positional_encoding_gaussian_matrix.float()
             coords = 2 * math.pi * coords
             return torch.cat([torch.sin(coords), torch.cos(coords)], dim=-1)
