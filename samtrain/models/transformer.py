@@ -29,16 +29,36 @@ class Attention(nn.Module):
         b, n, c = x.shape
         return x.reshape(b, n, self.num_heads, c // self.num_heads).transpose(1, 2)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q (B, Nq, C), k and v (B, Nk, C) -> (B, Nq, C). k, v may broadcast over B."""
-        q = self._split_heads(self.q_proj(q))
-        k = self._split_heads(self.k_proj(k))
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        q_pe: torch.Tensor | None = None,
+        k_pe: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """q (B, Nq, C), k and v (B, Nk, C) -> (B, Nq, C). k, v may broadcast over B.
+
+        q_pe, k_pe: positional terms of q and k (broadcasting to them), as if ``q + q_pe`` and
+        ``k + k_pe`` were passed. The projection is linear, so they are projected on their own and
+        added after it: a broadcast positional encoding then costs one small matmul instead of a
+        full-size add on every mask's image tokens.
+        """
+        q = self._split_heads(_project(self.q_proj, q, q_pe))
+        k = self._split_heads(_project(self.k_proj, k, k_pe))
         v = self._split_heads(self.v_proj(v))
         b = max(q.shape[0], k.shape[0], v.shape[0])
         q, k, v = (t.expand(b, *t.shape[1:]) for t in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v)
         out = out.transpose(1, 2).flatten(2)
         return self.out_proj(out)
+
+
+def _project(linear: nn.Linear, x: torch.Tensor, pe: torch.Tensor | None) -> torch.Tensor:
+    """``linear(x + pe)`` computed as ``linear(x) + pe @ W.T``."""
+    out = linear(x)
+    return out if pe is None else out + F.linear(pe, linear.weight)
 
 
 class TwoWayAttentionBlock(nn.Module):
@@ -75,12 +95,12 @@ class TwoWayAttentionBlock(nn.Module):
             queries = queries + self.self_attn(q, q, queries)
         queries = self.norm1(queries)
 
-        q, k = queries + query_pe, keys + key_pe
-        queries = self.norm2(queries + self.cross_attn_token_to_image(q, k, keys))
+        attn = self.cross_attn_token_to_image(queries, keys, keys, q_pe=query_pe, k_pe=key_pe)
+        queries = self.norm2(queries + attn)
         queries = self.norm3(queries + self.mlp(queries))
 
-        q, k = queries + query_pe, keys + key_pe
-        keys = self.norm4(keys + self.cross_attn_image_to_token(k, q, queries))
+        attn = self.cross_attn_image_to_token(keys, queries, queries, q_pe=key_pe, k_pe=query_pe)
+        keys = self.norm4(keys + attn)
         return queries, keys
 
 
@@ -127,6 +147,6 @@ class TwoWayTransformer(nn.Module):
         queries = point_embedding
         for layer in self.layers:
             queries, keys = layer(queries, keys, query_pe=point_embedding, key_pe=key_pe)
-        q, k = queries + point_embedding, keys + key_pe
-        queries = self.norm_final_attn(queries + self.final_attn_token_to_image(q, k, keys))
+        attn = self.final_attn_token_to_image(queries, keys, keys, q_pe=point_embedding, k_pe=key_pe)
+        queries = self.norm_final_attn(queries + attn)
         return queries, keys
