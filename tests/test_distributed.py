@@ -35,7 +35,9 @@ RUN = (
 
 
 def run_env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline", PYTHONPATH=str(ROOT))
+    """The test's environment without SLURM's variables (Lightning would take the run for a SLURM job)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(OMP_NUM_THREADS="1", WANDB_MODE="offline", PYTHONPATH=str(ROOT))
     env.pop("LOCAL_RANK", None)
     return env
 
@@ -164,3 +166,10 @@ def test_sigterm_saves_a_loadable_checkpoint_and_exits_cleanly(tmp_path, uninter
     resumed = tmp_path / "resumed"
     train(resumed, *steps, f"ckpt_path={last}", *save_weights(resumed))
     assert_same_weights(weights(resumed), uninterrupted)
+
+
+def test_sigusr1_outside_slurm_also_checkpoints_and_exits_cleanly(tmp_path):
+    done = train(tmp_path, "trainer.max_steps=8", *signal_at(2, "SIGUSR1"), check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert 2 <= checkpoint["global_step"] < 8
