@@ -51,7 +51,9 @@ class NonFiniteGuard(pl.Callback):
 
     After the backward pass (gradients already all-reduced under DDP; under sharded strategies the
     ranks agree through one boolean reduction) every gradient is dropped when any is not finite, so
-    the optimizer leaves every weight and its moments as they were. Each skipped step is counted,
+    the optimizer leaves every weight and its moments as they were. Under fp16 mixed precision the
+    gradient scaler already skips overflowing steps (a few are part of finding the loss scale), so
+    the guard leaves those to it. Each skipped step is counted,
     logged as ``train/nonfinite_steps`` with a warning, and saved in checkpoints; more than
     ``max_skipped`` stops the run with an error. Saving a checkpoint whose weights are not finite
     raises instead of writing it.
@@ -62,6 +64,8 @@ class NonFiniteGuard(pl.Callback):
         self.skipped = 0
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if getattr(trainer.precision_plugin, "scaler", None) is not None:
+            return  # fp16 loss scaling skips overflowing steps itself, and expects some
         finite = bool(gradients_are_finite(pl_module))
         if trainer.world_size > 1:
             finite = trainer.strategy.reduce_boolean_decision(finite, all=True)

@@ -107,3 +107,14 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one(tmp_path, mo
     kept = torch.load(path, weights_only=True)
     assert kept["global_step"] == 1 and torch.equal(kept["w"], torch.ones(1000))
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left behind
+
+
+def test_fp16_loss_scaling_handles_its_own_overflows():
+    layer = torch.nn.Linear(2, 1)
+    layer(torch.ones(1, 2)).sum().backward()
+    layer.bias.grad[0] = float("inf")
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    scaled = type("T", (), {"precision_plugin": type("P", (), {"scaler": object()})()})()
+    guard = NonFiniteGuard()
+    guard.on_before_optimizer_step(scaled, layer, optimizer)
+    assert guard.skipped == 0 and layer.bias.grad is not None  # left to the scaler

@@ -436,9 +436,7 @@ def test_training_samplers_make_no_host_sync(monkeypatch):
         masks_to_boxes(masks)
         sample_initial_prompts(masks, generator=gen(), choice_generator=gen(1))
         points, labels = sample_error_points(masks, pred, "uniform", gen())
-        structural, per_mask = step_generators(
-            3, 4, mask_keys(torch.arange(4), torch.arange(4).repeat_interleave(4))
-        )
+        _, per_mask = step_generators(3, 4, mask_keys(torch.arange(4), torch.arange(4).repeat_interleave(4)))
         sample_initial_prompts(masks, generator=per_mask)
         sample_error_points(masks, pred, "uniform", per_mask)
     assert points.shape == (16, 1, 2) and labels.shape == (16, 1)
