@@ -1,11 +1,11 @@
-"""Peak memory and time of one training step with activation checkpointing: `python -m bench.memory`.
+"""Peak memory and time of one training step per memory mode: `python -m bench.memory`.
 
 One step is SamModule.interactive_loss (encoder once, 1 + 8 + 2 decoder passes over every mask)
 + backward + AdamW step, on a synthetic batch (vit_b at 256 px, 2 images x 16 masks by default).
 Time: one fresh subprocess runs ``--repeats`` rounds of one step per mode (plain, encoder /
-decoder / both checkpointed), the modes interleaved on one module after a warm-up step; the
-median per mode. Memory: a fresh subprocess per mode, one warm-up step (so AdamW's state
-exists), then one step measured:
+decoder / both checkpointed, per-pass decoder backward), the modes interleaved on one module after
+a warm-up step; the median per mode. Memory: a fresh subprocess per mode, one warm-up step (so
+AdamW's state exists), then one step measured:
 
 - tensor peak: resident tensors at the step's start (parameters, AdamW state) plus the most
   bytes of tensor storage that the step itself held alive at once. A TorchDispatchMode sees
@@ -48,6 +48,8 @@ MODES = {
     "encoder ckpt": {"encoder_checkpointing": True},
     "decoder ckpt": {"decoder_checkpointing": True},
     "both": {"encoder_checkpointing": True, "decoder_checkpointing": True},
+    "per-pass backward": {"decoder_backward_per_pass": True},
+    "encoder ckpt + per-pass": {"encoder_checkpointing": True, "decoder_backward_per_pass": True},
 }
 GIB = 2**30
 
@@ -140,6 +142,7 @@ def set_mode(module: SamModule, mode: str) -> None:
     switches = MODES[mode]
     module.net.image_encoder.set_grad_checkpointing(switches.get("encoder_checkpointing", False))
     module.decoder_checkpointing = switches.get("decoder_checkpointing", False)
+    module.decoder_backward_per_pass = switches.get("decoder_backward_per_pass", False)
 
 
 def measure_time(args: argparse.Namespace) -> dict[str, float]:

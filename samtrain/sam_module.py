@@ -84,6 +84,40 @@ class PassState:
     pred_masks: torch.Tensor | None  # (N, S, S) bool
 
 
+class PerPassBackward:
+    """Backpropagates each decoder pass as soon as its loss is known, so that only one pass's
+    activations are alive at a time, with no recomputation.
+
+    The passes read the image embeddings through a detached leaf. Each pass's gradients (of the
+    trainable decoder-side parameters and of that leaf) are added up with ``torch.autograd.grad``,
+    which leaves ``.grad`` and DDP's hooks untouched; :meth:`surrogate` then returns a scalar
+    whose gradient is exactly their sum, so the one backward pass that Lightning runs (DDP's
+    reduction, clipping, accumulation as usual) also carries the encoder's share.
+    """
+
+    def __init__(self, params, embeddings: torch.Tensor, weight: float) -> None:
+        self.params = [p for p in params if p.requires_grad]
+        self.embeddings = embeddings
+        self.leaf = embeddings.detach().requires_grad_(embeddings.requires_grad)
+        self.inputs = self.params + ([self.leaf] if embeddings.requires_grad else [])
+        self.sums = [torch.zeros_like(t) for t in self.inputs]
+        self.weight = weight
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Adds the gradients of ``weight * loss`` and frees the pass's graph."""
+        grads = torch.autograd.grad(loss * self.weight, self.inputs, allow_unused=True)
+        for total, grad in zip(self.sums, grads, strict=True):
+            if grad is not None:
+                total.add_(grad)
+
+    def surrogate(self) -> torch.Tensor:
+        """A scalar whose gradient is the summed gradients (its value means nothing)."""
+        terms = [(p * g).sum() for p, g in zip(self.params, self.sums[: len(self.params)], strict=True)]
+        if self.embeddings.requires_grad:
+            terms.append((self.embeddings * self.sums[-1]).sum())
+        return torch.stack(terms).sum()
+
+
 def output_candidates(labels: torch.Tensor, num_outputs: int) -> torch.Tensor:
     """labels (N, T) -> (N, num_outputs) bool: the multimask outputs (1:) for a single-point
     prompt, the single-mask output (0) for everything else."""
@@ -112,6 +146,9 @@ class SamModule(pl.LightningModule):
         decoder_checkpointing: the same for each decoder pass (prompt encoder + mask decoder).
         compile: torch.compile the image encoder and the mask decoder's transformer and upscaling
             in place (``Sam.compile_parts``) in ``configure_model``; True or torch.compile kwargs.
+        decoder_backward_per_pass: backpropagate each decoder pass right after it
+            (:class:`PerPassBackward`): the same gradients, with one pass's activations alive at
+            a time instead of all of them, and nothing recomputed.
     """
 
     def __init__(
@@ -132,6 +169,7 @@ class SamModule(pl.LightningModule):
         encoder_checkpointing: bool = False,
         decoder_checkpointing: bool = False,
         compile: bool | dict = False,
+        decoder_backward_per_pass: bool = False,
     ) -> None:
         super().__init__()
         # Plain values only, so checkpoints load with torch.load(weights_only=True).
@@ -154,6 +192,7 @@ class SamModule(pl.LightningModule):
         if encoder_checkpointing:
             set_encoder_checkpointing(self.net.image_encoder)
         self.decoder_checkpointing = decoder_checkpointing
+        self.decoder_backward_per_pass = decoder_backward_per_pass
         self.compile_options = ({} if compile is True else dict(compile)) if compile else None
         self.val_max_clicks = val_max_clicks
         self.val_full_curve_every = val_full_curve_every
@@ -251,6 +290,11 @@ class SamModule(pl.LightningModule):
                 generator=structural,
             ),
         ]
+        per_pass = None
+        if self.decoder_backward_per_pass and torch.is_grad_enabled():
+            decoder_side = [*self.net.prompt_encoder.parameters(), *self.net.mask_decoder.parameters()]
+            per_pass = PerPassBackward(decoder_side, embeddings, weight=1.0 / len(schedule))
+            embeddings = per_pass.leaf
         results: list[SamLoss] = []
         for adds_click in schedule:
             if adds_click:
@@ -258,7 +302,11 @@ class SamModule(pl.LightningModule):
                 state.coords = torch.cat([state.coords, point], dim=1)
                 state.labels = torch.cat([state.labels, label], dim=1)
             logits, iou_pred, candidates = self.decoder_pass(embeddings, image_indices, state)
-            results.append(self.pass_loss(logits, iou_pred, gt, candidates, num_masks))
+            result = self.pass_loss(logits, iou_pred, gt, candidates, num_masks)
+            if per_pass is not None:
+                per_pass.backward(result.loss)
+                result.loss = result.loss.detach()
+            results.append(result)
             state.mask_input, state.pred_masks = self.feedback(logits, iou_pred, candidates, valid)
 
         loss = torch.stack([r.loss for r in results]).mean()
@@ -270,7 +318,7 @@ class SamModule(pl.LightningModule):
             "mIoU_first": self.chosen_iou(results[0]),
             "mIoU_last": self.chosen_iou(results[-1]),
         }
-        return loss, logs
+        return (loss if per_pass is None else per_pass.surrogate()), logs
 
     def pass_loss(self, logits, iou_pred, gt, candidates, num_masks) -> SamLoss:
         w = self.loss_weights

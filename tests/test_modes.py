@@ -97,6 +97,27 @@ def test_activation_checkpointing_matches_plain(tiny_cfg, plain, overrides):
     assert transformer.calls == (2 if module.decoder_checkpointing else 1) * passes
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [[], ["model.freeze=[image_encoder]"], ["model.decoder_checkpointing=true"]],
+    ids=["all", "frozen_encoder", "with_checkpointing"],
+)
+def test_per_pass_backward_matches_plain(tiny_cfg, overrides):
+    """The same loss and gradients, the encoder's included, from one backward per pass."""
+    batch = ellipse_batch()
+    reference = build_module(tiny_cfg(*overrides))
+    expected = loss_and_grads(reference, batch)
+    module = build_module(
+        tiny_cfg(*overrides, "model.decoder_backward_per_pass=true"), reference.state_dict()
+    )
+    module.zero_grad(set_to_none=True)
+    surrogate, logs = module.interactive_loss(batch)
+    assert not any(p.grad is not None for p in module.parameters())  # nothing accumulated yet
+    surrogate.backward()
+    grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+    assert_same_step(expected, logs["loss"], grads, rtol=1e-5, atol=1e-7)
+
+
 def test_checkpointing_off_without_grad(tiny_cfg, plain):
     """Validation and inference (no grad) run each decoder pass once."""
     _, batch, state, _, _ = plain
