@@ -398,6 +398,13 @@ class SamModule(pl.LightningModule):
             return
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
+    def setup(self, stage: str) -> None:
+        if self.decoder_backward_per_pass and isinstance(self.trainer.strategy, FSDPStrategy):
+            raise ValueError(
+                "model.decoder_backward_per_pass does not work with FSDP (a backward pass inside the "
+                "forward would run FSDP's gradient hooks early); use model.decoder_checkpointing=true"
+            )
+
     def configure_model(self) -> None:
         """Compile the encoder and decoder in place when ``compile`` is set (state-dict keys unchanged);
         Lightning calls this before fitting, validating and testing, and a second call does nothing."""

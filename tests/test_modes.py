@@ -200,3 +200,14 @@ def test_compile_inductor_matches_plain(tiny_cfg, plain):
     module.configure_model()
     loss, grads = loss_and_grads(module, batch)
     assert_same_step((ref_loss, ref_grads), loss, grads, rtol=1e-3, atol=1e-5)
+
+
+def test_per_pass_backward_is_refused_under_fsdp(tiny_cfg):
+    from types import SimpleNamespace
+
+    from pytorch_lightning.strategies import FSDPStrategy
+
+    module = build_module(tiny_cfg("model.decoder_backward_per_pass=true"))
+    module._trainer = SimpleNamespace(strategy=FSDPStrategy())
+    with pytest.raises(ValueError, match="does not work with FSDP"):
+        module.setup("fit")
