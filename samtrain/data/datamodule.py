@@ -7,6 +7,7 @@ from pytorch_lightning import LightningDataModule
 from torch.utils.data import Dataset, IterableDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from samtrain.data.base import SamDataset
 from samtrain.data.collate import collate_sam_batch
 from samtrain.data.errors import SkipBadSamples
 from samtrain.data.sampler import SeededShardSampler
@@ -14,8 +15,6 @@ from samtrain.data.sampler import SeededShardSampler
 
 def takes_sample_seeds(dataset: Dataset) -> bool:
     """Whether ``dataset[(index, seed)]`` seeds the sample's augmentation (samtrain's datasets do)."""
-    from samtrain.data.base import SamDataset
-
     return isinstance(dataset, SamDataset)
 
 
