@@ -16,7 +16,7 @@ from samtrain.data.base import SamDataset, decoded
 from samtrain.data.errors import SampleError
 from samtrain.data.image_io import read_rgb_image
 from samtrain.data.rle import RleMasks, segmentation_run_lengths
-from samtrain.data.split import split_mask
+from samtrain.data.split import select_split
 
 __all__ = ["CocoInstanceDataset", "decode_segmentations", "read_rgb_image", "segmentation_to_rle"]
 
@@ -194,9 +194,7 @@ class CocoInstanceDataset(SamDataset):
             )
         self.category_ids = _check_category_ids(category_ids, coco, self.annotation_file)
         records = _build_records(coco, self.annotation_file, self.category_ids, include_crowd)
-        if split is not None:
-            keep = split_mask([r["file_name"] for r in records], split, val_fraction, split_seed)
-            records = [r for r, k in zip(records, keep, strict=True) if k]
+        records = select_split(records, lambda r: r["file_name"], split, val_fraction, split_seed)
         self.image_ids = np.array([_int_id(r["id"], self.annotation_file) for r in records], dtype=np.int64)
         # Records live in one numpy byte buffer rather than many Python objects, so forked
         # DataLoader workers do not copy them page by page through reference counting.

@@ -31,7 +31,7 @@ from PIL import Image, ImageOps
 from samtrain.data.base import SamDataset
 from samtrain.data.errors import SampleError
 from samtrain.data.image_io import read_bytes, read_rgb_image, truncation_reason
-from samtrain.data.split import split_mask, stable_hash
+from samtrain.data.split import select_split, stable_hash
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -87,9 +87,7 @@ class _MaskFolderDataset(SamDataset):
         files = _list_images(self.image_dir)
         if not self.mask_dir.is_dir():
             raise FileNotFoundError(f"mask folder {self.mask_dir} does not exist or is not a directory")
-        if split is not None:
-            keep = split_mask(files, split, val_fraction, split_seed)
-            files = [f for f, k in zip(files, keep, strict=True) if k]
+        files = select_split(files, str, split, val_fraction, split_seed)
         self.files = np.array(files)
         self.image_ids = np.array([stable_hash(self.key(i)) for i in range(len(files))], dtype=np.int64)
         if len(np.unique(self.image_ids)) != len(self.image_ids):  # 63-bit hashes: practically never

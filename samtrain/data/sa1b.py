@@ -29,7 +29,7 @@ from samtrain.data.base import SamDataset, decoded
 from samtrain.data.errors import SampleError
 from samtrain.data.image_io import decode_rgb_image, read_bytes
 from samtrain.data.rle import RleMasks, rle_run_lengths
-from samtrain.data.split import split_mask, stable_hash
+from samtrain.data.split import select_split, stable_hash
 
 log = logging.getLogger(__name__)
 
@@ -122,10 +122,7 @@ class Sa1bDataset(SamDataset):
         )
         if not files:
             raise ValueError(f"SA-1B folder {self.root} holds no .jpg images")
-        if split is not None:
-            files = [
-                f for f, k in zip(files, split_mask(files, split, val_fraction, split_seed), strict=True) if k
-            ]
+        files = select_split(files, str, split, val_fraction, split_seed)
         self.files = np.array(files)  # one array, not many str objects: cheap to share with workers
 
     def __len__(self) -> int:

@@ -8,7 +8,10 @@ file between the splits.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+T = TypeVar("T")
 
 SPLITS = ("train", "val")
 
@@ -28,3 +31,13 @@ def split_mask(keys: Sequence[str], split: str, val_fraction: float, seed: int =
     threshold = float(val_fraction) * 2**63
     in_val = [stable_hash(str(key), seed) < threshold for key in keys]
     return in_val if split == "val" else [not v for v in in_val]
+
+
+def select_split(
+    items: Sequence[T], key: Callable[[T], str], split: str | None, val_fraction: float, seed: int = 0
+) -> list[T]:
+    """The ``items`` whose ``key(item)`` falls in ``split`` (all of them when ``split`` is None)."""
+    if split is None:
+        return list(items)
+    keep = split_mask([key(item) for item in items], split, val_fraction, seed)
+    return [item for item, k in zip(items, keep, strict=True) if k]
