@@ -26,6 +26,7 @@ from samtrain.losses import SamLoss, sam_loss
 from samtrain.metrics import InteractiveMetrics
 from samtrain.models.image_encoder import set_encoder_checkpointing
 from samtrain.models.lora import has_lora
+from samtrain.models.mask_decoder import DecoderImage
 from samtrain.models.prompt_encoder import BOX_TOP_LEFT, NEGATIVE, POSITIVE
 from samtrain.models.sam import Sam
 from samtrain.optim import build_scheduler, sam_param_groups
@@ -88,18 +89,20 @@ class PerPassBackward:
     """Backpropagates each decoder pass as soon as its loss is known, so that only one pass's
     activations are alive at a time, with no recomputation.
 
-    The passes read the image embeddings through a detached leaf. Each pass's gradients (of the
-    trainable decoder-side parameters and of that leaf) are added up with ``torch.autograd.grad``,
-    which leaves ``.grad`` and DDP's hooks untouched; :meth:`surrogate` then returns a scalar
-    whose gradient is exactly their sum, so the one backward pass that Lightning runs (DDP's
-    reduction, clipping, accumulation as usual) also carries the encoder's share.
+    The passes read the prepared image (its embeddings and projected positional encoding)
+    through detached leaves. Each pass's gradients (of the trainable decoder-side parameters and
+    of those leaves) are added up with ``torch.autograd.grad``, which leaves ``.grad`` and DDP's
+    hooks untouched; :meth:`surrogate` then returns a scalar whose gradient is exactly their sum,
+    so the one backward pass that Lightning runs (DDP's reduction, clipping, accumulation as
+    usual) also carries the share of the encoder and of the positional projections.
     """
 
-    def __init__(self, params, embeddings: torch.Tensor, weight: float) -> None:
+    def __init__(self, params, image: DecoderImage, weight: float) -> None:
         self.params = [p for p in params if p.requires_grad]
-        self.embeddings = embeddings
-        self.leaf = embeddings.detach().requires_grad_(embeddings.requires_grad)
-        self.inputs = self.params + ([self.leaf] if embeddings.requires_grad else [])
+        self.prepared = [t for t in image.tensors() if t.requires_grad]
+        leaves = [t.detach().requires_grad_(t.requires_grad) for t in image.tensors()]
+        self.image = DecoderImage.from_tensors(leaves)
+        self.inputs = self.params + [t for t in leaves if t.requires_grad]
         self.sums = [torch.zeros_like(t) for t in self.inputs]
         self.weight = weight
 
@@ -112,10 +115,8 @@ class PerPassBackward:
 
     def surrogate(self) -> torch.Tensor:
         """A scalar whose gradient is the summed gradients (its value means nothing)."""
-        terms = [(p * g).sum() for p, g in zip(self.params, self.sums[: len(self.params)], strict=True)]
-        if self.embeddings.requires_grad:
-            terms.append((self.embeddings * self.sums[-1]).sum())
-        return torch.stack(terms).sum()
+        through = self.params + self.prepared
+        return torch.stack([(t * g).sum() for t, g in zip(through, self.sums, strict=True)]).sum()
 
 
 def output_candidates(labels: torch.Tensor, num_outputs: int) -> torch.Tensor:
@@ -233,7 +234,7 @@ class SamModule(pl.LightningModule):
         return count.clamp(min=1.0)
 
     def decoder_pass(
-        self, embeddings: torch.Tensor, image_indices: torch.Tensor, state: PassState
+        self, image: DecoderImage, image_indices: torch.Tensor, state: PassState
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One pass over all masks -> logits (N, 4, S/4, S/4), iou_pred (N, 4), candidates (N, 4)."""
         decode = self.net.decode_masks
@@ -242,7 +243,7 @@ class SamModule(pl.LightningModule):
         # The prompts carry their own padding (a point is [point, pad], a box its two corners), so
         # each mask's tokens are exactly those the official predictor builds for the same prompt.
         logits, iou_pred = decode(
-            embeddings,
+            image,
             points=(state.coords, state.labels),
             mask_inputs=state.mask_input,
             image_indices=image_indices,
@@ -266,7 +267,7 @@ class SamModule(pl.LightningModule):
         structural, per_mask = step_generators(self.seed, self.global_step, self.batch_mask_keys(batch))
         num_masks = self.num_masks_across_ranks(gt.shape[0])
         valid = input_regions(batch["input_size"], self.net.image_size)[image_indices]
-        embeddings = self.image_embeddings(batch)
+        image = self.net.prepare_image(self.image_embeddings(batch))
 
         recipe = self.prompts
         coords, labels = sample_initial_prompts(
@@ -293,15 +294,15 @@ class SamModule(pl.LightningModule):
         per_pass = None
         if self.decoder_backward_per_pass and torch.is_grad_enabled():
             decoder_side = [*self.net.prompt_encoder.parameters(), *self.net.mask_decoder.parameters()]
-            per_pass = PerPassBackward(decoder_side, embeddings, weight=1.0 / len(schedule))
-            embeddings = per_pass.leaf
+            per_pass = PerPassBackward(decoder_side, image, weight=1.0 / len(schedule))
+            image = per_pass.image
         results: list[SamLoss] = []
         for adds_click in schedule:
             if adds_click:
                 point, label = sample_error_points(gt, state.pred_masks, method="uniform", generator=per_mask)
                 state.coords = torch.cat([state.coords, point], dim=1)
                 state.labels = torch.cat([state.labels, label], dim=1)
-            logits, iou_pred, candidates = self.decoder_pass(embeddings, image_indices, state)
+            logits, iou_pred, candidates = self.decoder_pass(image, image_indices, state)
             result = self.pass_loss(logits, iou_pred, gt, candidates, num_masks)
             if per_pass is not None:
                 per_pass.backward(result.loss)

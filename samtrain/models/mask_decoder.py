@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -57,6 +59,25 @@ class OutputUpscaling(nn.Sequential):
         return x.reshape(*lead, 4 * h, 4 * w)
 
 
+class DecoderImage(NamedTuple):
+    """Image embeddings in the form the decoder reads them (:meth:`MaskDecoder.prepare_image`).
+
+    It holds the positional encoding projected with the current weights, so it serves every
+    decoder call until the weights change: the passes of one training step, the clicks of one
+    evaluation.
+    """
+
+    embeddings: torch.Tensor  # (B, h, w, C) channels-last
+    positions: tuple[torch.Tensor, ...]  # TwoWayTransformer.project_image_pe, each (1, hw, C')
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.embeddings, *self.positions]
+
+    @classmethod
+    def from_tensors(cls, tensors: list[torch.Tensor]) -> DecoderImage:
+        return cls(tensors[0], tuple(tensors[1:]))
+
+
 class MaskDecoder(nn.Module):
     """Predicts 1 + num_multimask_outputs masks and their IoU from image and prompt embeddings.
 
@@ -106,6 +127,12 @@ class MaskDecoder(nn.Module):
         outputs = slice(1, None) if multimask_output else slice(0, 1)
         return masks[:, outputs], iou_pred[:, outputs]
 
+    def prepare_image(self, image_embeddings: torch.Tensor, image_pe: torch.Tensor) -> DecoderImage:
+        """image_embeddings (B, C, h, w) and image_pe (1, C, h, w) -> a :class:`DecoderImage`."""
+        return DecoderImage(
+            image_embeddings.permute(0, 2, 3, 1).contiguous(), self.transformer.project_image_pe(image_pe)
+        )
+
     def predict_masks(
         self,
         image_embeddings: torch.Tensor,
@@ -114,12 +141,22 @@ class MaskDecoder(nn.Module):
         dense_prompt_embeddings: torch.Tensor,
         image_indices: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every output at once: :meth:`decode` of ``prepare_image(image_embeddings, image_pe)``."""
+        image = self.prepare_image(image_embeddings, image_pe)
+        return self.decode(image, sparse_prompt_embeddings, dense_prompt_embeddings, image_indices)
+
+    def decode(
+        self,
+        image: DecoderImage,
+        sparse_prompt_embeddings: torch.Tensor,
+        dense_prompt_embeddings: torch.Tensor,
+        image_indices: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Every output at once.
 
         Args:
-            image_embeddings: (B, C, h, w); B = 1 broadcasts over the N prompts, otherwise
+            image: B prepared image embeddings; B = 1 broadcasts over the N prompts, otherwise
                 image_indices (N,) says which image each prompt reads (or B = N).
-            image_pe: (1, C, h, w) positional encoding of the embedding grid.
             sparse_prompt_embeddings: (N, T, C).
             dense_prompt_embeddings: (N, C, h, w).
 
@@ -131,14 +168,14 @@ class MaskDecoder(nn.Module):
         output_tokens = output_tokens.unsqueeze(0).expand(n, -1, -1).to(sparse_prompt_embeddings.dtype)
         tokens = torch.cat([output_tokens, sparse_prompt_embeddings], dim=1)
 
-        # Channels-last (N, h, w, C) from here on: the transformer reads the image as (N, hw, C)
-        # tokens, so this layout needs no transposed copy; each mask reads its image by index.
-        image_embeddings = image_embeddings.permute(0, 2, 3, 1).contiguous()
+        # Channels-last (N, h, w, C): the transformer reads the image as (N, hw, C) tokens, so this
+        # layout needs no transposed copy; each mask reads its image by index.
+        image_embeddings = image.embeddings
         if image_indices is not None:
             image_embeddings = image_embeddings[image_indices]
         src = (image_embeddings + dense_prompt_embeddings.permute(0, 2, 3, 1)).contiguous()
         b, h, w, c = src.shape
-        hs, src = self.transformer(src.permute(0, 3, 1, 2), image_pe, tokens)
+        hs, src = self.transformer(src.permute(0, 3, 1, 2), None, tokens, image_pos=image.positions)
         iou_token_out = hs[:, 0, :]
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
 

@@ -6,6 +6,7 @@ import contextlib
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from samtrain.models.common import LayerNorm2d
@@ -55,6 +56,48 @@ class PositionEmbeddingRandom(nn.Module):
         return self._pe_encoding(coords_input.float() / scale)
 
 
+class MaskDownscaling(nn.Sequential):
+    """SAM's mask-prompt downscaler (official layout: 2x2 stride-2 conv, LayerNorm2d, activation,
+    2x2 stride-2 conv, LayerNorm2d, activation, 1x1 conv), computed channels-last.
+
+    A 2x2 stride-2 convolution reads each 2x2 block of pixels once, so it is a matmul over the
+    block's pixels and channels, and the LayerNorms over channels are ``F.layer_norm`` on the last
+    dimension. The output is channels-last in memory: the decoder adds it to its channels-last
+    image tokens without a transposed copy, and the gradient comes back in the same layout.
+    """
+
+    def __init__(self, embed_dim: int, mask_in_chans: int, activation: type[nn.Module]) -> None:
+        super().__init__(
+            nn.Conv2d(1, mask_in_chans // 4, kernel_size=2, stride=2),
+            LayerNorm2d(mask_in_chans // 4),
+            activation(),
+            nn.Conv2d(mask_in_chans // 4, mask_in_chans, kernel_size=2, stride=2),
+            LayerNorm2d(mask_in_chans),
+            activation(),
+            nn.Conv2d(mask_in_chans, embed_dim, kernel_size=1),
+        )
+
+    def forward(self, masks: torch.Tensor) -> torch.Tensor:
+        """(N, 1, 4h, 4w) -> (N, C, h, w), channels-last in memory."""
+        down1, norm1, act1, down2, norm2, act2, project = self
+        x = masks.permute(0, 2, 3, 1)
+        x = act1(_channel_norm(_conv2x2(x, down1), norm1))
+        x = act2(_channel_norm(_conv2x2(x, down2), norm2))
+        x = F.linear(x, project.weight.flatten(1), project.bias)
+        return x.permute(0, 3, 1, 2)
+
+
+def _conv2x2(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """A 2x2 stride-2 convolution of channels-last x (N, H, W, C) -> (N, H/2, W/2, C')."""
+    n, h, w, c = x.shape
+    blocks = x.reshape(n, h // 2, 2, w // 2, 2, c).transpose(2, 3).reshape(n, h // 2, w // 2, 4 * c)
+    return F.linear(blocks, conv.weight.permute(0, 2, 3, 1).flatten(1), conv.bias)
+
+
+def _channel_norm(x: torch.Tensor, norm: LayerNorm2d) -> torch.Tensor:
+    return F.layer_norm(x, x.shape[-1:], norm.weight, norm.bias, norm.eps)
+
+
 class PromptEncoder(nn.Module):
     """Embeds points, boxes and mask prompts for the mask decoder.
 
@@ -82,15 +125,7 @@ class PromptEncoder(nn.Module):
         self.point_embeddings = nn.ModuleList(nn.Embedding(1, embed_dim) for _ in range(4))
         self.not_a_point_embed = nn.Embedding(1, embed_dim)
         self.mask_input_size = (4 * image_embedding_size[0], 4 * image_embedding_size[1])
-        self.mask_downscaling = nn.Sequential(
-            nn.Conv2d(1, mask_in_chans // 4, kernel_size=2, stride=2),
-            LayerNorm2d(mask_in_chans // 4),
-            activation(),
-            nn.Conv2d(mask_in_chans // 4, mask_in_chans, kernel_size=2, stride=2),
-            LayerNorm2d(mask_in_chans),
-            activation(),
-            nn.Conv2d(mask_in_chans, embed_dim, kernel_size=1),
-        )
+        self.mask_downscaling = MaskDownscaling(embed_dim, mask_in_chans, activation)
         self.no_mask_embed = nn.Embedding(1, embed_dim)
 
     def get_dense_pe(self) -> torch.Tensor:
@@ -123,7 +158,7 @@ class PromptEncoder(nn.Module):
         return self.embed_labelled_points(corners, labels)
 
     def embed_masks(self, masks: torch.Tensor) -> torch.Tensor:
-        """Mask prompts (N, 1, 4h, 4w) logits -> dense embeddings (N, C, h, w)."""
+        """Mask prompts (N, 1, 4h, 4w) logits -> dense embeddings (N, C, h, w), channels-last in memory."""
         return self.mask_downscaling(masks)
 
     def no_mask_dense(self, batch_size: int) -> torch.Tensor:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from samtrain.models.mask_decoder import MaskDecoder
+from samtrain.models.mask_decoder import DecoderImage, MaskDecoder
 from samtrain.models.prompt_encoder import PromptEncoder
 from samtrain.resize import PIXEL_MEAN, PIXEL_STD
 
@@ -72,9 +72,15 @@ class Sam(nn.Module):
         masks = masks[..., : input_size[0], : input_size[1]]
         return F.interpolate(masks, tuple(original_size), mode="bilinear", align_corners=False)
 
+    def prepare_image(self, image_embeddings: torch.Tensor) -> DecoderImage:
+        """(B, C, h, w) -> what the decoder reads; give it to :meth:`decode_masks` in place of
+        the embeddings when decoding them many times with unchanged weights (the passes of a
+        training step, the clicks of an evaluation): the positional encoding is then projected once."""
+        return self.mask_decoder.prepare_image(image_embeddings, self.prompt_encoder.get_dense_pe())
+
     def decode_masks(
         self,
-        image_embeddings: torch.Tensor,
+        image_embeddings: torch.Tensor | DecoderImage,
         *,
         points: tuple[torch.Tensor, torch.Tensor] | None = None,
         boxes: torch.Tensor | None = None,
@@ -85,7 +91,7 @@ class Sam(nn.Module):
         """Prompt encoder + mask decoder for N prompts over B image embeddings, all outputs.
 
         Args:
-            image_embeddings: (B, C, h, w).
+            image_embeddings: (B, C, h, w), or :meth:`prepare_image` of them.
             points: coords (N, T, 2) in the model input frame and labels (N, T).
             boxes: (N, 4) xyxy in the model input frame.
             mask_inputs: (N, 1, 4h, 4w) logits fed back as the dense prompt.
@@ -99,9 +105,10 @@ class Sam(nn.Module):
         sparse, dense = self.prompt_encoder(
             points=points, boxes=boxes, masks=mask_inputs, pad_points=pad_points
         )
-        return self.mask_decoder.predict_masks(
-            image_embeddings, self.prompt_encoder.get_dense_pe(), sparse, dense, image_indices
-        )
+        image = image_embeddings
+        if isinstance(image, torch.Tensor):
+            image = self.prepare_image(image)
+        return self.mask_decoder.decode(image, sparse, dense, image_indices)
 
     @torch.no_grad()
     def forward(
