@@ -117,7 +117,7 @@ class MaskedAutoencoder(nn.Module):
         if image_size % patch_size:
             raise ValueError(f"image_size must be a multiple of {patch_size}, got {image_size}")
         if decoder_dim % decoder_num_heads:
-            decoder_num_heads = max(h for h in range(1, decoder_num_heads + 1) if decoder_dim % h == 0)
+            raise ValueError(f"decoder_num_heads={decoder_num_heads} must divide decoder_dim={decoder_dim}")
         norm_layer = partial(nn.LayerNorm, eps=1e-6)
         self.patch_size = patch_size
         self.image_size = image_size

@@ -191,3 +191,8 @@ def test_console_helper_writes_loadable_weights(tmp_path, capsys):
     again = build_sam("vit_t", image_size=64)
     init_encoder_from_mae(again, out)
     assert torch.equal(again.image_encoder.blocks[0].attn.qkv.weight, mae.encoder.blocks[0].attn.qkv.weight)
+
+
+def test_decoder_heads_must_divide_its_width():
+    with pytest.raises(ValueError, match="decoder_num_heads=5 must divide decoder_dim=32"):
+        build_mae("vit_t", image_size=32, decoder_depth=1, decoder_dim=32, decoder_num_heads=5)
