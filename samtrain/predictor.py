@@ -12,7 +12,11 @@ from samtrain.resize import resize_image, scale_boxes, scale_coords
 class SamPredictor:
     """Embed an image once with ``set_image``, then ``predict`` masks for any number of prompts.
 
-    Coordinates are pixel (x, y) and boxes xyxy in the original image.
+    Coordinates are pixel (x, y) and boxes xyxy in the original image. Point labels are 1
+    (foreground), 0 (background) or -1 (padding: a point to ignore, for batches of prompts with
+    different numbers of points), as in the official predictor. Unlike it, points and box corners
+    outside the image are refused: they nearly always mean coordinates in another frame (the
+    resized image, or (row, column) order).
     """
 
     def __init__(self, sam_model: Sam) -> None:
@@ -161,11 +165,12 @@ class SamPredictor:
             raise ValueError(
                 f"point_labels has shape {labels.shape[1:]}, expected {coords.shape[1:-1]} (one per point)"
             )
-        if not np.isin(labels, (0, 1)).all():
+        if not np.isin(labels, (-1, 0, 1)).all():
             raise ValueError(
-                f"point_labels must be 1 (foreground) or 0 (background), got {np.unique(labels).tolist()}"
+                "point_labels must be 1 (foreground), 0 (background) or -1 (padding), "
+                f"got {np.unique(labels).tolist()}"
             )
-        self._check_inside(coords, "point_coords")
+        self._check_inside(coords[labels != -1], "point_coords")
         coords = scale_coords(coords, self.original_size, self.model.image_size)
         return (
             torch.as_tensor(coords, dtype=torch.float32, device=self.device),

@@ -77,7 +77,7 @@ def test_predict_before_set_image():
         (dict(point_labels=np.array([1])), "together"),
         (dict(point_coords=np.array([[1, 1]]), point_labels=np.array([1, 0])), "one per point"),
         (dict(point_coords=np.array([1, 1]), point_labels=np.array([1])), r"shape \(T, 2\)"),
-        (dict(point_coords=np.array([[1, 1]]), point_labels=np.array([2])), "foreground"),
+        (dict(point_coords=np.array([[1, 1]]), point_labels=np.array([2])), "padding"),
         (dict(point_coords=np.array([[100, 1]]), point_labels=np.array([1])), "outside the 80x48 image"),
         (dict(point_coords=np.array([[-1, 1]]), point_labels=np.array([1])), "outside"),
         (dict(box=np.array([30, 0, 10, 20])), "x2 >= x1"),

@@ -146,13 +146,20 @@ def load_sam_checkpoint(model: nn.Module, path: str | Path, *, strict: bool = Tr
     return report
 
 
-def export_sam_checkpoint(model: nn.Module, path: str | Path) -> Path:
+def export_sam_checkpoint(model: nn.Module, path: str | Path, *, image_size: int | None = None) -> Path:
     """Write the model's weights in the official SAM layout; safetensors when the suffix says so.
-    LoRA layers are written merged into their base weights (the model itself is left as it is)."""
+    LoRA layers are written merged into their base weights (the model itself is left as it is).
+
+    image_size: the input size the file is made for, its position embedding and relative position
+    tables resampled to it (None: the model's own). The official ``sam_model_registry`` builds at
+    1024 px, so a model trained at another size loads there strictly with ``image_size=1024``.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    merged = merge_lora_state({k: v.detach() for k, v in model.state_dict().items()})
-    state = samtrain_to_official({k: v.cpu().contiguous() for k, v in merged.items()})
+    state = merge_lora_state({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
+    if image_size is not None and image_size != model.image_size:
+        resample_position_tensors(state, _state_shapes(model.variant, image_size))
+    state = samtrain_to_official(state)
     tmp = path.with_name(path.name + ".tmp")
     if path.suffix == ".safetensors":
         save_file(state, str(tmp))
@@ -160,3 +167,11 @@ def export_sam_checkpoint(model: nn.Module, path: str | Path) -> Path:
         torch.save(state, tmp)
     tmp.replace(path)
     return path
+
+
+def _state_shapes(variant: str, image_size: int) -> dict[str, torch.Tensor]:
+    """The state dict of an empty ``build_sam(variant, image_size)``, on the meta device (shapes only)."""
+    from samtrain.models.build import build_sam  # build imports this module
+
+    with torch.device("meta"):
+        return build_sam(variant, image_size=image_size).state_dict()

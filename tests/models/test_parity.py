@@ -54,6 +54,9 @@ PROMPTS = {
     "points_with_negatives": dict(
         point_coords=np.array([[75.0, 45.0], [10.0, 90.0], [140.0, 5.0]]), point_labels=np.array([1, 0, 0])
     ),
+    "point_and_padding": dict(
+        point_coords=np.array([[75.0, 45.0], [0.0, 0.0]]), point_labels=np.array([1, -1])
+    ),
     "box": dict(box=np.array([38.0, 18.0, 112.0, 72.0])),
     "box_and_point": dict(
         point_coords=np.array([[60.0, 40.0]]),
@@ -131,3 +134,19 @@ def test_export_loads_strict_into_official(models, tmp_path, suffix):
     reloaded = build_sam(VARIANT, image_size=IMAGE_SIZE, checkpoint=path)
     for name, value in ours.state_dict().items():
         torch.testing.assert_close(reloaded.state_dict()[name], value, atol=0, rtol=0, msg=name)
+
+
+def test_export_at_another_size_loads_strict_into_official_built_there(models, tmp_path):
+    """The official registry builds at 1024 px; exporting with image_size resamples the encoder's
+    position tensors so a model trained at another size loads there strictly."""
+    _, ours = models
+    size = 2 * IMAGE_SIZE
+    path = export_sam_checkpoint(ours, tmp_path / "export.pth", image_size=size)
+    state = torch.load(path, weights_only=True)
+    fresh = build_official_sam(VARIANT, size)
+    fresh.load_state_dict(state, strict=True)
+    assert fresh.image_encoder.pos_embed.shape[1:3] == (size // 16, size // 16)
+    same = ours.state_dict()
+    for name, value in fresh.mask_decoder.state_dict().items():
+        torch.testing.assert_close(value, same[f"mask_decoder.{name}"], atol=0, rtol=0, msg=name)
+    assert ours.image_encoder.pos_embed.shape[1:3] == (IMAGE_SIZE // 16, IMAGE_SIZE // 16)
