@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 import samtrain.sam_module as sam_module
@@ -198,6 +199,9 @@ class OfficialModule(SamModule):
     def image_embeddings(self, batch: dict) -> torch.Tensor:
         self._calls = None  # a new batch: regroup its masks at the first pass
         return super().image_embeddings(batch)
+
+    def decoder_image(self, embeddings: torch.Tensor) -> torch.Tensor:
+        return embeddings  # the official decoder prepares its input in every call
 
     def _group(self, image_indices: torch.Tensor, labels: torch.Tensor, num_images: int):
         """[(image, is point-first, mask indices)] and the inverse permutation of their order."""
@@ -380,6 +384,35 @@ def count_flops(runner: StepRunner) -> int:
     return counter.get_total_flops()
 
 
+# The operators whose FLOPs FlopCounterMode counts: matmuls, attention kernels, convolutions.
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+MATMUL_OP_PREFIXES = (
+    "aten::_scaled_dot_product",
+    "aten::_flash_attention",
+    "aten::_efficient_attention",
+    "aten::mkldnn_convolution",
+    "aten::cudnn_convolution",
+    "aten::convolution_backward",
+)
+
+
+def matmul_kernel_seconds(runner: StepRunner) -> float:
+    """Seconds one profiled step spends inside matmul, attention and convolution kernels (their
+    own time; device time on a GPU). Nearly all the step's FLOPs are theirs, so FLOPs over this
+    time is the fraction of peak the step would reach if everything else took no time."""
+    cuda = runner.device.type == "cuda"
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    with profile(activities=activities) as prof:
+        runner()
+    runner.records.pop()
+    micros = sum(
+        e.self_device_time_total if cuda else e.self_cpu_time_total
+        for e in prof.key_averages()
+        if e.key in MATMUL_OPS or e.key.startswith(MATMUL_OP_PREFIXES)
+    )
+    return micros / 1e6
+
+
 def proc_status_bytes(field: str) -> int:
     """VmRSS (resident now) or VmHWM (peak resident) of this process, from /proc/self/status. Unlike
     getrusage's ru_maxrss, VmHWM starts afresh in a spawned process (ru_maxrss keeps the parent's)."""
@@ -402,13 +435,10 @@ def memory_and_flops(runner: StepRunner) -> dict:
     runner.records.pop()
     if device.type == "cuda":
         torch.cuda.synchronize()
-        return {"flops": flops, "peak_bytes": torch.cuda.max_memory_allocated(device), "memory": "cuda"}
-    return {
-        "flops": flops,
-        "peak_bytes": proc_status_bytes("VmHWM"),
-        "rss_before_step": rss_before,
-        "memory": "rss",
-    }
+        peak = {"peak_bytes": torch.cuda.max_memory_allocated(device), "memory": "cuda"}
+    else:
+        peak = {"peak_bytes": proc_status_bytes("VmHWM"), "rss_before_step": rss_before, "memory": "rss"}
+    return {"flops": flops, **peak, "matmul_s": matmul_kernel_seconds(runner)}
 
 
 def _isolated_side(side: str, weights: str, cfg: Config, threads: int) -> dict:
@@ -573,6 +603,16 @@ def report(r: Results) -> str:
             f"| of the {cfg.dtype} matmul peak ({r.matmul_peak_dtype / 1e9:.1f} GFLOP/s) "
             f"| {achieved[o] / r.matmul_peak_dtype:.1%} | {achieved[s] / r.matmul_peak_dtype:.1%} |"
         )
+    kernel_s = {k: r.memory[k]["matmul_s"] for k in SIDES}
+    peak = r.matmul_peak_dtype or r.matmul_peak
+    lines.append(
+        "| time in matmul, attention and convolution kernels (profiled step, s) "
+        f"| {kernel_s[o]:.3f} | {kernel_s[s]:.3f} |"
+    )
+    lines.append(
+        "| FLOPs / that time, of the peak: the ceiling were all other work free "
+        f"| {r.memory[o]['flops'] / kernel_s[o] / peak:.1%} | {r.memory[s]['flops'] / kernel_s[s] / peak:.1%} |"
+    )
     lines += [
         "",
         f"First step's loss: official {r.losses[o]:.6f}, samtrain {r.losses[s]:.6f} "

@@ -214,6 +214,10 @@ class SamModule(pl.LightningModule):
             return batch["image_embedding"]
         return self.encode(batch["image"])
 
+    def decoder_image(self, embeddings: torch.Tensor) -> DecoderImage:
+        """The image embeddings as every decoder pass of the step reads them (``Sam.prepare_image``)."""
+        return self.net.prepare_image(embeddings)
+
     @staticmethod
     def batch_mask_keys(batch: dict) -> torch.Tensor:
         """int64 (N,) identities of the batch's masks (image id, ordinal): each mask's prompts are
@@ -267,7 +271,7 @@ class SamModule(pl.LightningModule):
         structural, per_mask = step_generators(self.seed, self.global_step, self.batch_mask_keys(batch))
         num_masks = self.num_masks_across_ranks(gt.shape[0])
         valid = input_regions(batch["input_size"], self.net.image_size)[image_indices]
-        image = self.net.prepare_image(self.image_embeddings(batch))
+        image = self.decoder_image(self.image_embeddings(batch))
 
         recipe = self.prompts
         coords, labels = sample_initial_prompts(
