@@ -38,6 +38,7 @@ __all__ = [
     "logits_to_masks",
     "masks_iou",
     "trace_clicks",
+    "trace_interaction",
 ]
 
 SINGLE_MASK_OUTPUT = 0
@@ -247,6 +248,50 @@ def box_iou(
         model, image_embeddings, gt_masks, image_indices=image_indices, input_sizes=input_sizes
     )
     return ious, pred_ious
+
+
+@torch.no_grad()
+def trace_interaction(
+    model: Any,
+    image_embeddings: torch.Tensor,
+    gt_masks: torch.Tensor,
+    *,
+    image_indices: torch.Tensor,
+    input_sizes: torch.Tensor,
+    num_clicks: int,
+) -> dict[str, torch.Tensor]:
+    """The box and click protocols, keeping every prompt and prediction (for pictures).
+
+    The same rules as :func:`click_curve` and :func:`box_iou` (centre clicks; the best multimask
+    output at the first click, the single-mask output and the fed-back logits after it), for the
+    few masks of a picture.
+
+    Args:
+        model: ``Sam`` (anything with ``image_size`` and ``decode_masks``).
+        image_embeddings: ``(B, C, h, w)``.
+        gt_masks: ``(N, S, S) bool`` in the padded model input frame.
+        image_indices: ``(N,) int64``.
+        input_sizes: ``(B, 2) int64`` ``(h, w)`` of each image's unpadded region.
+        num_clicks: K >= 1.
+
+    Returns:
+        ``"boxes"`` ``(N, 4) float32`` xyxy with inclusive pixel corners, ``"box_masks"``
+        ``(N, S, S) bool``, ``"box_ious"`` ``(N,) float32``; ``"click_coords"`` ``(N, K, 2) float32``
+        ``(x, y)``, ``"click_labels"`` ``(N, K) int64`` (1 positive, 0 negative), ``"click_masks"``
+        ``(N, K, S, S) bool`` (index k-1: after k clicks), ``"click_ious"`` ``(N, K) float32``.
+    """
+    kwargs = dict(image_indices=image_indices, input_sizes=input_sizes)
+    clicks = trace_clicks(model, image_embeddings, gt_masks, max_clicks=num_clicks, keep_masks=True, **kwargs)
+    boxes, box_masks, box_ious, _ = box_prediction(model, image_embeddings, gt_masks, **kwargs)
+    return {
+        "boxes": boxes,
+        "box_masks": box_masks,
+        "box_ious": box_ious,
+        "click_coords": clicks.coords,
+        "click_labels": clicks.labels,
+        "click_masks": clicks.masks,
+        "click_ious": clicks.ious,
+    }
 
 
 @torch.no_grad()

@@ -1,7 +1,9 @@
-"""Figures of evaluation results, written as image files (no display needed)."""
+"""Figures of training and evaluation results, written as image files (no display needed):
+the mIoU-vs-clicks curves of an evaluation and the training curves of a run."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -44,3 +46,58 @@ def plot_click_curves(
     axes.legend(loc="best", fontsize="small")
     figure.savefig(path)
     return path
+
+
+def plot_curves(
+    train: Mapping[str, Sequence[tuple[int, float]]],
+    val: Mapping[str, Sequence[tuple[int, float]]],
+    path: str | Path,
+) -> Path:
+    """The curves of a run, one panel each for the training metrics, the validation IoU metrics
+    (mIoU@k, box mIoU, calibration) and the other validation metrics (NoC, NoF), against the
+    global step; training curves of more than 20 points are drawn with their EMA.
+
+    Args:
+        train: ``{metric: [(step, value), ...]}``.
+        val: the same, for validation metrics.
+        path: the image file to write; its folder is created.
+
+    Returns:
+        ``path`` as a Path.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    val_iou = {k: v for k, v in val.items() if "IoU" in k or "calibration" in k}
+    val_other = {k: v for k, v in val.items() if k not in val_iou}
+    groups = [
+        (g, t) for g, t in ((train, "training"), (val_iou, "validation"), (val_other, "validation")) if g
+    ]
+    fig = Figure(figsize=(5.5 * len(groups), 4.0), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(groups), squeeze=False)[0]
+    for ax, (group, title) in zip(axes, groups, strict=True):
+        for key, points in group.items():
+            steps, values = zip(*points, strict=True)
+            if group is train and len(points) > 20:
+                ax.plot(steps, values, alpha=0.3, linewidth=0.8)
+                ax.plot(steps, _ema(values), label=f"{key} (EMA)", color=ax.lines[-1].get_color())
+            else:
+                ax.plot(steps, values, marker="o" if group is not train else None, markersize=4, label=key)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
+
+
+def _ema(values: Sequence[float], alpha: float = 0.1) -> list[float]:
+    """Exponential moving average of ``values`` (the first value starts it)."""
+    out, current = [], math.nan
+    for v in values:
+        current = v if math.isnan(current) else (1 - alpha) * current + alpha * v
+        out.append(current)
+    return out

@@ -1,17 +1,25 @@
-"""samtrain.callbacks: the traced protocols match the evaluation, and a run writes its pictures."""
+"""samtrain.callbacks: the traced protocols match the evaluation, a run writes its pictures, and the
+callback configs follow the run's settings."""
 
 from __future__ import annotations
 
+import warnings
 from types import SimpleNamespace
 
+import hydra
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.strategies import FSDPStrategy
+from pytorch_lightning.trainer.states import TrainerFn
 
-from samtrain.callbacks import MetricCurves, plot_curves, read_metrics_csv, trace_interaction
-from samtrain.evaluation import box_iou, click_curve
+import samtrain.callbacks
+from samtrain.callbacks import MetricCurves, PredictionGallery, read_metrics_csv
+from samtrain.evaluation import box_iou, click_curve, trace_interaction
 from samtrain.models import build_sam
+from samtrain.plots import plot_curves
 from samtrain.train import train
 
 
@@ -97,3 +105,58 @@ def test_metric_curves_records_itself_without_a_csv_logger():
     callback.on_train_batch_end(trainer, None, None, None, 0)
     callback.on_validation_end(trainer, None)
     assert callback.read_history(trainer) == {"train/loss": [(3, 0.5)], "val/mIoU@1": [(3, 0.25)]}
+
+
+def test_the_package_exports_every_public_name():
+    for name in samtrain.callbacks.__all__:
+        assert getattr(samtrain.callbacks, name) is not None
+    assert samtrain.callbacks.plot_curves is plot_curves  # moved, still importable from here
+    assert samtrain.callbacks.trace_interaction is trace_interaction
+
+
+@pytest.mark.parametrize(
+    ("overrides", "monitor", "mode"),
+    [((), "val/mIoU@1", "max"), (("optimized_metric=val/NoC@90", "optimized_mode=min"), "val/NoC@90", "min")],
+)
+def test_the_checkpoint_follows_the_optimized_metric(tiny_cfg, overrides, monitor, mode):
+    checkpoint = hydra.utils.instantiate(tiny_cfg(*overrides).callbacks.model_checkpoint)
+    assert isinstance(checkpoint, ModelCheckpoint)
+    assert (checkpoint.monitor, checkpoint.mode) == (monitor, mode)
+    metrics = {"epoch": torch.tensor(3), "step": torch.tensor(40), monitor: torch.tensor(7.25)}
+    name = checkpoint.format_checkpoint_name(metrics)
+    assert name.endswith("/epoch003-step40-score7.2500.ckpt")  # no folder from the "/" in the name
+
+
+def test_the_cached_experiment_has_no_gallery(tiny_cfg):
+    cfg = tiny_cfg("experiment=finetune_cached")
+    assert cfg.callbacks.prediction_gallery is None and cfg.callbacks.embedding_cache
+
+
+def test_the_gallery_warns_once_when_batches_carry_no_images():
+    gallery = PredictionGallery()
+    batch = {
+        "image_embedding": torch.zeros(1, 8, 4, 4),
+        "masks": torch.ones(1, 64, 64, dtype=torch.bool),
+        "mask_image_index": torch.zeros(1, dtype=torch.int64),
+    }
+    with pytest.warns(UserWarning, match="no images"):
+        gallery.collect(batch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gallery.collect(batch)  # once only
+        gallery.collect({"num_skipped": 2})  # every sample unreadable: nothing to say
+    assert gallery.samples == []
+
+
+def test_the_gallery_skips_sharded_strategies(caplog):
+    gallery = PredictionGallery()
+    gallery.samples = [{}]
+    gallery.write = lambda *args: pytest.fail("drew under FSDP")
+    trainer = SimpleNamespace(
+        sanity_checking=False,
+        state=SimpleNamespace(fn=TrainerFn.FITTING),
+        is_global_zero=True,
+        strategy=FSDPStrategy(),
+    )
+    gallery.on_validation_end(trainer, None)
+    assert "skipped under FSDPStrategy" in caplog.text
