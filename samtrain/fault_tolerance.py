@@ -5,6 +5,8 @@
   from non-finite weights.
 - :class:`PreemptionCheckpoint`: SIGTERM (and SIGUSR1 outside SLURM, where Lightning's own SLURM
   handler saves and requeues) finishes the current step, writes ``last.ckpt`` and exits cleanly.
+- :func:`zero_loss`: what a rank whose batch held no readable sample returns under DDP, so that it
+  still takes part in the gradient all-reduce instead of leaving the other ranks waiting.
 
 Checkpoints themselves are atomic already: Lightning serialises a checkpoint in memory, then
 writes it inside an fsspec transaction (a temporary file moved over the old one).
@@ -18,10 +20,26 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+import torch.distributed as dist
 from pytorch_lightning.plugins.environments import SLURMEnvironment
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 log = logging.getLogger(__name__)
+
+
+def world_size() -> int:
+    """The number of processes of the initialised default process group (1 when there is none)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def zero_loss(module: torch.nn.Module) -> torch.Tensor:
+    """A scalar 0 whose gradient is zero for every trainable parameter of ``module``: the loss of a
+    distributed step that has no data on this rank (every parameter then gets a zero gradient to
+    all-reduce, as DDP expects)."""
+    sums = [p.sum() for p in module.parameters() if p.requires_grad]
+    if not sums:
+        return torch.zeros(())
+    return torch.stack(sums).sum() * 0.0
 
 
 def _gradients(module: torch.nn.Module) -> list[torch.Tensor]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from samtrain.train import build_run, scalar_metrics
+from samtrain.train import build_run, fit, scalar_metrics, wandb_finished
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,12 @@ def save_mae_encoder(net, path: str | Path, metadata: dict[str, str] | None = No
 def pretrain(cfg) -> dict[str, float]:
     """Fit the MAE as configured (conf/mae.yaml); returns the last logged metrics."""
     datamodule, module, trainer = build_run(cfg)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    with wandb_finished(trainer):
+        return run_pretraining(cfg, datamodule, module, trainer)
+
+
+def run_pretraining(cfg, datamodule, module, trainer) -> dict[str, float]:
+    fit(trainer, module, datamodule, cfg.get("ckpt_path"))
     metrics = scalar_metrics(trainer.callback_metrics)
     if trainer.is_global_zero:
         output_dir = Path(cfg.paths.output_dir)

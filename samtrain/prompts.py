@@ -279,6 +279,8 @@ def sample_error_points(
     pred_masks: torch.Tensor,
     method: str = "uniform",
     generator: RandomSource | None = None,
+    *,
+    valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One corrective click per mask in the error region of a prediction.
 
@@ -295,10 +297,14 @@ def sample_error_points(
     or the background's distance-transform maximum for ``"center"``); with no background either it
     is pixel ``(0, 0)``, label 0.
 
+    With ``valid`` (the image inside its padding), pixels outside it are neither error nor
+    background, so no click falls in the padding (the evaluation protocol's rule).
+
     Args:
         gt_masks, pred_masks: ``(N, H, W) bool``.
         method: ``"uniform"`` or ``"center"``.
         generator: required for ``"uniform"``, unused by ``"center"``.
+        valid: optional ``bool`` broadcastable to ``(N, H, W)``, True inside the image.
 
     Returns:
         points ``(N, 1, 2) float32`` ``(x, y)`` and labels ``(N, 1) int64``, on the input device.
@@ -312,22 +318,46 @@ def sample_error_points(
         )
     if pred_masks.device != gt_masks.device:
         raise ValueError(f"gt_masks on {gt_masks.device} but pred_masks on {pred_masks.device}")
+    if valid is not None:
+        valid = _check_valid(valid, gt_masks)
     if method == "uniform":
         if generator is not None:  # None draws from torch's global generator (not reproducible per step)
             generator = _check_generator(generator, gt_masks.device, "sample_error_points(method='uniform')")
-        return _error_points_uniform(gt_masks, pred_masks, generator)
+        return _error_points_uniform(gt_masks, pred_masks, generator, valid)
     if method == "center":
+        if valid is not None:  # outside the image: both truth and prediction, so no error and no background
+            gt_masks, pred_masks = gt_masks | ~valid, pred_masks | ~valid
         return _error_points_center(gt_masks, pred_masks)
     raise ValueError(f"unknown method {method!r}; expected one of {ERROR_POINT_METHODS}")
 
 
+def _check_valid(valid: torch.Tensor, gt_masks: torch.Tensor) -> torch.Tensor:
+    if not isinstance(valid, torch.Tensor) or valid.dtype != torch.bool:
+        raise ValueError(f"valid must be a bool tensor, got {getattr(valid, 'dtype', type(valid))}")
+    if valid.device != gt_masks.device:
+        raise ValueError(f"gt_masks on {gt_masks.device} but valid on {valid.device}")
+    try:
+        shape = torch.broadcast_shapes(valid.shape, gt_masks.shape)
+    except RuntimeError:
+        shape = None
+    if shape != gt_masks.shape:
+        raise ValueError(
+            f"valid of shape {tuple(valid.shape)} does not broadcast to the masks' {tuple(gt_masks.shape)}"
+        )
+    return valid
+
+
 def _error_points_uniform(
-    gt: torch.Tensor, pred: torch.Tensor, generator: RandomSource | None
+    gt: torch.Tensor, pred: torch.Tensor, generator: RandomSource | None, valid: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     false_neg = gt & ~pred
     error = gt ^ pred
+    background = ~gt
+    if valid is not None:
+        error &= valid
+        background &= valid
     has_error = error.flatten(1).any(1)
-    region = torch.where(has_error[:, None, None], error, ~gt)
+    region = torch.where(has_error[:, None, None], error, background)
     index, nonempty = _sample_flat_index(region, generator)
     index = torch.where(nonempty, index, 0)[:, None]  # (N, 1); pixel (0, 0) when nothing to click
     labels = false_neg.flatten(1).gather(1, index).to(torch.int64)

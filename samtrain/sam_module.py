@@ -17,11 +17,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from pytorch_lightning.strategies import FSDPStrategy
+from pytorch_lightning.trainer.states import TrainerFn
 from torch.utils.checkpoint import checkpoint
 
 from samtrain.data.datamodule import set_stream_epoch
 from samtrain.evaluation import evaluate_batch, input_regions, logits_to_masks
-from samtrain.fault_tolerance import load_pending_loader_state
+from samtrain.fault_tolerance import load_pending_loader_state, world_size, zero_loss
 from samtrain.losses import SamLoss, sam_loss
 from samtrain.metrics import InteractiveMetrics
 from samtrain.models.image_encoder import set_encoder_checkpointing
@@ -39,6 +40,7 @@ from samtrain.prompts import (
 )
 
 SAM_PARTS = ("image_encoder", "prompt_encoder", "mask_decoder")
+VAL_RUNS_KEY = "samtrain_val_runs"  # checkpoint entry: the validation runs of the fit so far
 
 
 @dataclass
@@ -141,7 +143,10 @@ class SamModule(pl.LightningModule):
         lr, weight_decay, layer_decay: see ``samtrain.optim.sam_param_groups``.
         seed: seeds the per-step prompt draws (with the global step and each mask's identity).
         val_max_clicks: clicks of the validation click curve (1 for the cheap metrics only).
-        val_full_curve_every: run the full curve every n validation epochs (0: never).
+        val_full_curve_every: in a fit, run the full click curve at every n-th validation run (the
+            first, then every n-th, counted across resumes; the sanity check does not count) and at
+            the fit's last validation, the first click only at the others; ``trainer.validate``
+            outside a fit runs the full curve. 0: the first click only, always.
         encoder_checkpointing: recompute the encoder blocks' activations in the backward pass
             (timm's set_grad_checkpointing) instead of keeping them.
         decoder_checkpointing: the same for each decoder pass (prompt encoder + mask decoder).
@@ -197,6 +202,7 @@ class SamModule(pl.LightningModule):
         self.compile_options = ({} if compile is True else dict(compile)) if compile else None
         self.val_max_clicks = val_max_clicks
         self.val_full_curve_every = val_full_curve_every
+        self.val_runs = 0  # validation runs of the fit so far (sanity check excluded); checkpointed
         self.val_metrics = InteractiveMetrics(clicks=[k for k in (1, 3, 5, 9) if k <= val_max_clicks])
 
     # ------------------------------------------------------------------ training
@@ -232,9 +238,9 @@ class SamModule(pl.LightningModule):
         """The mean number of masks per rank: dividing each rank's loss sum by it makes DDP's
         gradient average equal the mean over every mask of the global batch."""
         count = torch.tensor(float(n), device=self.device)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if world_size() > 1:
             dist.all_reduce(count)
-            count /= dist.get_world_size()
+            count /= world_size()
         return count.clamp(min=1.0)
 
     def decoder_pass(
@@ -303,7 +309,9 @@ class SamModule(pl.LightningModule):
         results: list[SamLoss] = []
         for adds_click in schedule:
             if adds_click:
-                point, label = sample_error_points(gt, state.pred_masks, method="uniform", generator=per_mask)
+                point, label = sample_error_points(
+                    gt, state.pred_masks, method="uniform", generator=per_mask, valid=valid
+                )
                 state.coords = torch.cat([state.coords, point], dim=1)
                 state.labels = torch.cat([state.labels, label], dim=1)
             logits, iou_pred, candidates = self.decoder_pass(image, image_indices, state)
@@ -348,16 +356,30 @@ class SamModule(pl.LightningModule):
         return result.true_iou.gather(1, result.chosen[:, None]).mean()
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
-        if "masks" not in batch:  # every sample of the batch was unreadable (skipped and counted)
-            return None
+        if "masks" not in batch:  # every sample of the batch was unreadable (counted by SkippedSamplesBudget)
+            return self.empty_batch_step()
         loss, logs = self.interactive_loss(batch)
         batch_size = batch["input_size"].shape[0]
-        loss_value = logs.pop("loss")
-        # The mean over ranks is the loss of the global batch (each rank's loss is normalised by the
-        # mean mask count per rank), so a DDP run logs what one process with its global batch would.
-        self.log("train/loss", loss_value, prog_bar=True, batch_size=batch_size, sync_dist=True)
+        self.log_loss(logs.pop("loss"), batch_size)
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=batch_size)
         self.log("train/num_masks", float(batch["masks"].shape[0]), batch_size=batch_size)
+        return loss
+
+    def log_loss(self, value: torch.Tensor, batch_size: int) -> None:
+        # The mean over ranks is the loss of the global batch (each rank's loss is normalised by the
+        # mean mask count per rank), so a DDP run logs what one process with its global batch would.
+        self.log("train/loss", value, prog_bar=True, batch_size=batch_size, sync_dist=True)
+
+    def empty_batch_step(self) -> torch.Tensor | None:
+        """The step of a batch with no readable sample: skipped (None) in a single process. Under DDP
+        this rank still takes part in every collective of a step (the mask count, the synced loss log,
+        the gradient all-reduce), else the other ranks would wait for it forever: its loss is zero
+        with a zero gradient for every trainable parameter, so it adds nothing to the global batch."""
+        if world_size() == 1:
+            return None
+        self.num_masks_across_ranks(0)
+        loss = zero_loss(self)
+        self.log_loss(loss.detach(), batch_size=1)
         return loss
 
     def on_train_start(self) -> None:
@@ -369,16 +391,35 @@ class SamModule(pl.LightningModule):
     # ------------------------------------------------------------------ validation
 
     def val_clicks(self) -> int:
-        """The full click curve every val_full_curve_every epochs and at the last, else 1 click."""
+        """The clicks of this validation run: the first click only when ``val_full_curve_every`` is 0;
+        else the full curve outside fitting, and in a fit at every ``val_full_curve_every``-th run
+        (the first included) and at its last run, the first click only at the others."""
         every = self.val_full_curve_every
         if every <= 0:
             return 1
-        last = self.trainer.max_epochs is not None and self.current_epoch >= self.trainer.max_epochs - 1
-        return self.val_max_clicks if self.current_epoch % every == 0 or last else 1
+        if self.trainer.state.fn != TrainerFn.FITTING:
+            return self.val_max_clicks
+        return self.val_max_clicks if self.val_runs % every == 0 or self.is_last_fit_validation() else 1
+
+    def is_last_fit_validation(self) -> bool:
+        """Whether this validation comes in the fit's last epoch or after its last step (a limit of -1
+        or None is no limit: step-based runs have max_epochs=-1)."""
+        max_epochs, max_steps = self.trainer.max_epochs, self.trainer.max_steps
+        last_epoch = max_epochs is not None and max_epochs >= 0 and self.current_epoch >= max_epochs - 1
+        last_step = max_steps is not None and max_steps >= 0 and self.global_step >= max_steps
+        return last_epoch or last_step
 
     def on_validation_epoch_start(self) -> None:
         self.val_metrics.reset()
         self._clicks_this_epoch = self.val_clicks()
+        if self.trainer.state.fn == TrainerFn.FITTING and not self.trainer.sanity_checking:
+            self.val_runs += 1
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[VAL_RUNS_KEY] = self.val_runs
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.val_runs = int(checkpoint.get(VAL_RUNS_KEY, 0))
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         if "masks" not in batch:  # every sample was unreadable
@@ -404,10 +445,18 @@ class SamModule(pl.LightningModule):
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def setup(self, stage: str) -> None:
-        if self.decoder_backward_per_pass and isinstance(self.trainer.strategy, FSDPStrategy):
+        if not self.decoder_backward_per_pass:
+            return
+        if isinstance(self.trainer.strategy, FSDPStrategy):
             raise ValueError(
                 "model.decoder_backward_per_pass does not work with FSDP (a backward pass inside the "
                 "forward would run FSDP's gradient hooks early); use model.decoder_checkpointing=true"
+            )
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            raise ValueError(
+                f"model.decoder_backward_per_pass does not work with fp16 mixed precision "
+                f"(trainer.precision={self.trainer.precision}): its per-pass gradients would bypass the "
+                "gradient scaler; use trainer.precision=bf16-mixed or model.decoder_checkpointing=true"
             )
 
     def configure_model(self) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import hydra
@@ -62,6 +64,17 @@ def validation_metrics(trainer: pl.Trainer, module, datamodule) -> dict[str, flo
 def train(cfg: DictConfig) -> dict[str, float]:
     """Run training as configured; returns the final validation metrics."""
     datamodule, module, trainer = build_run(cfg)
+    with wandb_finished(trainer):
+        return run_training(cfg, datamodule, module, trainer)
+
+
+def fit(trainer: pl.Trainer, module, datamodule, ckpt_path: str | None) -> None:
+    """``trainer.fit``, resuming from ``ckpt_path`` with ``torch.load(weights_only=True)``: a checkpoint
+    holds tensors and plain values only, and a tampered one cannot run code when it is loaded."""
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+
+
+def run_training(cfg: DictConfig, datamodule, module, trainer: pl.Trainer) -> dict[str, float]:
     output_dir = Path(cfg.paths.output_dir)
     results: dict[str, dict[str, float]] = {}
 
@@ -69,23 +82,39 @@ def train(cfg: DictConfig) -> dict[str, float]:
         log.info("Validating the model before training")
         results["before"] = validation_metrics(trainer, module, datamodule)
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    fit(trainer, module, datamodule, cfg.get("ckpt_path"))
     if trainer.fast_dev_run:
         return scalar_metrics(trainer.callback_metrics)
 
     results["after"] = validation_metrics(trainer, module, datamodule)
     if trainer.is_global_zero:
         write_outputs(cfg, module, trainer, results, output_dir)
-    finish_wandb(trainer)
     return results["after"]
 
 
-def finish_wandb(trainer: pl.Trainer) -> None:
+def finish_wandb(trainer: pl.Trainer, exit_code: int | None = None) -> None:
     """Close the run's wandb runs: an offline run's file is complete only then, and a later run in
     the same process (multirun, tests) would otherwise log into this one."""
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):
-            logger.experiment.finish()
+            logger.experiment.finish(exit_code=exit_code)
+
+
+@contextmanager
+def wandb_finished(trainer: pl.Trainer) -> Iterator[None]:
+    """Finishes the trainer's wandb runs however the block exits; an exception marks them failed
+    (a ``SystemExit``, such as Lightning's clean exit on SIGTERM, keeps its own exit code)."""
+    try:
+        yield
+    except BaseException as error:
+        finish_wandb(trainer, exit_code=exit_code_of(error))
+        raise
+    finish_wandb(trainer)
+
+
+def exit_code_of(error: BaseException) -> int:
+    code = error.code if isinstance(error, SystemExit) else 1
+    return code if isinstance(code, int) else int(code is not None)
 
 
 def write_outputs(cfg: DictConfig, module, trainer: pl.Trainer, results: dict, output_dir: Path) -> None:

@@ -265,6 +265,38 @@ def test_uniform_error_clicks_same_seed_same_output():
     assert error[torch.arange(len(gt)), rows, cols][has_error].all()
 
 
+def test_agreement_clicks_stay_inside_the_valid_region():
+    """A perfect prediction on a padded image: the negative click falls on the image's background,
+    never in the right/bottom padding, whichever method."""
+    n, size = 200, 16
+    valid = torch.zeros(n, size, size, dtype=torch.bool)
+    valid[:, :10, :12] = True  # the image; the rest is padding
+    gt = torch.zeros(n, size, size, dtype=torch.bool)
+    gt[:, 2:6, 3:8] = True
+    pred = gt.clone()
+    pred[:, 12:, 13:] = True  # a "false positive" in the padding is no error
+    for method, generator in (("uniform", gen(6)), ("center", None)):
+        points, labels = sample_error_points(gt, pred, method, generator, valid=valid)
+        assert (labels == 0).all()
+        assert pixel_values(valid, points[:, 0]).all(), method
+        assert not pixel_values(gt, points[:, 0]).any(), method
+    # Without it the padding counts as background (the masks alone do not know where the image ends).
+    points, _ = sample_error_points(gt, gt.clone(), "uniform", gen(6))
+    assert not pixel_values(valid, points[:, 0]).all()
+
+
+def test_error_clicks_inside_the_valid_region_keep_their_labels():
+    gt, pred = random_masks(100, seed=11), random_masks(100, seed=12)
+    valid = torch.zeros(32, 32, dtype=torch.bool)
+    valid[:20, :25] = True  # broadcast over the masks
+    points, labels = sample_error_points(gt, pred, "uniform", gen(7), valid=valid)
+    inside = pixel_values(valid.expand_as(gt), points[:, 0])
+    has_error = ((gt ^ pred) & valid).flatten(1).any(1)
+    assert inside[has_error].all()
+    at_gt, at_pred = pixel_values(gt, points[:, 0]), pixel_values(pred, points[:, 0])
+    assert torch.equal(labels[has_error, 0] == 1, (at_gt & ~at_pred)[has_error])
+
+
 def test_error_points_bad_input():
     gt = torch.zeros(2, 8, 8, dtype=torch.bool)
     with pytest.raises(ValueError, match="same shape"):
@@ -273,6 +305,10 @@ def test_error_points_bad_input():
         sample_error_points(gt, gt, "random", gen())
     with pytest.raises(ValueError, match=r"\(N, H, W\)"):
         sample_error_points(gt[0], gt[0], "center")
+    with pytest.raises(ValueError, match="valid must be a bool"):
+        sample_error_points(gt, gt, "center", valid=torch.ones(8, 8))
+    with pytest.raises(ValueError, match="does not broadcast"):
+        sample_error_points(gt, gt, "center", valid=torch.ones(3, 8, 8, dtype=torch.bool))
 
 
 # ----------------------------------------------------------------------------------------------------------

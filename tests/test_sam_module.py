@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import hydra
 import pytest
 import torch
+from pytorch_lightning.trainer.states import TrainerFn
 
+import samtrain.sam_module as sam_module
+from samtrain.evaluation import input_regions
 from samtrain.sam_module import PassState, output_candidates
 
 EXPECTED_LOSSES = Path(__file__).parent / "data" / "expected_losses.json"
@@ -68,6 +72,144 @@ def test_same_step_same_prompts(tiny_cfg):
         first, _ = module.interactive_loss(batch)
         again, _ = module.interactive_loss(batch)
     assert torch.equal(first, again)
+
+
+def test_training_clicks_on_a_perfect_prediction_stay_inside_the_image(tiny_cfg, monkeypatch):
+    """A mask already predicted perfectly gets a negative click on its image's background, never in
+    the padding right of or below an image smaller than S."""
+    module = hydra.utils.instantiate(tiny_cfg().model)
+    masks = torch.zeros(4, 64, 64, dtype=torch.bool)
+    for i, (top, bottom, left, right) in enumerate(
+        [(5, 20, 5, 30), (20, 35, 10, 40), (5, 20, 5, 30), (30, 50, 2, 20)]
+    ):
+        masks[i, top:bottom, left:right] = True
+    batch = {
+        "image": torch.randn(2, 3, 64, 64),
+        "masks": masks,
+        "mask_image_index": torch.tensor([0, 0, 1, 1]),
+        "input_size": torch.tensor([[40, 48], [64, 32]]),  # (h, w): padding right and below
+    }
+    # Every pass's prediction is the ground truth: each click is the "no error" fallback.
+    monkeypatch.setattr(module, "feedback", lambda logits, *_: (logits[:, :1].detach(), masks))
+    clicks, sample = [], sam_module.sample_error_points
+
+    def recording_sampler(*args, **kwargs):
+        clicks.append(sample(*args, **kwargs))
+        return clicks[-1]
+
+    monkeypatch.setattr(sam_module, "sample_error_points", recording_sampler)
+    with torch.no_grad():
+        module.interactive_loss(batch)
+    inside = input_regions(batch["input_size"], 64)[batch["mask_image_index"]]
+    assert len(clicks) == module.prompts.num_click_passes
+    for points, labels in clicks:
+        x, y = points[:, 0].long().unbind(-1)
+        assert (labels == 0).all()
+        assert inside[torch.arange(4), y, x].all(), points[:, 0].tolist()
+        assert not masks[torch.arange(4), y, x].any()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# a batch with no readable sample
+
+
+def fake_two_ranks(monkeypatch) -> list[torch.Tensor]:
+    """torch.distributed as one rank of two sees it; returns the tensors this rank all-reduces."""
+    reduced = []
+    monkeypatch.setattr(torch.distributed, "is_available", lambda: True)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(
+        torch.distributed, "all_reduce", lambda tensor, *a, **k: reduced.append(tensor.clone())
+    )
+    return reduced
+
+
+def test_an_empty_batch_is_skipped_in_a_single_process(tiny_cfg):
+    module = hydra.utils.instantiate(tiny_cfg().model)
+    assert module.training_step({"num_skipped": 2}, 0) is None
+
+
+def test_an_empty_batch_takes_part_in_every_collective_of_a_ddp_step(tiny_cfg, monkeypatch):
+    """A rank whose batch is empty must still all-reduce the mask count, sync the loss log and reduce
+    gradients, else the other ranks wait for it forever; it contributes nothing to the update."""
+    module = hydra.utils.instantiate(tiny_cfg("model.freeze=[image_encoder]").model)
+    reduced = fake_two_ranks(monkeypatch)
+    logged = {}
+    monkeypatch.setattr(module, "log", lambda name, value, **kwargs: logged.update({name: (value, kwargs)}))
+    loss = module.training_step({"num_skipped": 2}, 0)
+    assert [t.item() for t in reduced] == [0.0]  # the mask count, as the other ranks' steps reduce it
+    value, kwargs = logged["train/loss"]
+    assert value.item() == 0.0 and kwargs["sync_dist"]
+    assert loss.item() == 0.0
+    loss.backward()
+    for name, param in module.named_parameters():
+        if param.requires_grad:
+            assert param.grad is not None and not param.grad.any(), name
+        else:
+            assert param.grad is None, name
+
+
+# ----------------------------------------------------------------------------------------------------------
+# how many clicks each validation run measures
+
+
+def fitting_trainer(**overrides) -> SimpleNamespace:
+    """What SamModule reads of a Trainer during fit's validation runs."""
+    values = dict(max_epochs=-1, max_steps=1000, current_epoch=0, global_step=0, sanity_checking=False)
+    return SimpleNamespace(state=SimpleNamespace(fn=TrainerFn.FITTING), **{**values, **overrides})
+
+
+def validation_clicks(module, trainer, runs: int, *, epochs_between: int = 0) -> list[int]:
+    """The clicks of ``runs`` successive validation runs, 100 steps (and ``epochs_between`` epochs) apart."""
+    module._trainer = trainer
+    clicks = []
+    for _ in range(runs):
+        module.on_validation_epoch_start()
+        clicks.append(module._clicks_this_epoch)
+        trainer.global_step += 100
+        trainer.current_epoch += epochs_between
+    return clicks
+
+
+def test_step_based_runs_measure_the_full_curve_every_n_validations(tiny_cfg):
+    """max_steps with max_epochs=-1 (Lightning's "no epoch limit"): every third run and the last."""
+    module = hydra.utils.instantiate(tiny_cfg("model.val_full_curve_every=3").model)
+    trainer = fitting_trainer(max_steps=1000)
+    assert validation_clicks(module, trainer, 7) == [3, 1, 1, 3, 1, 1, 3]
+    trainer.global_step = 1000  # after the last step
+    assert validation_clicks(module, trainer, 1) == [3]
+
+
+def test_the_full_curve_counts_validation_runs_not_epochs(tiny_cfg):
+    """check_val_every_n_epoch=2 validates after epochs 1, 3, 5, ...: every second run is full."""
+    module = hydra.utils.instantiate(tiny_cfg("model.val_full_curve_every=2").model)
+    trainer = fitting_trainer(max_epochs=100, max_steps=-1, current_epoch=1)
+    assert validation_clicks(module, trainer, 4, epochs_between=2) == [3, 1, 3, 1]
+    trainer.current_epoch = 99  # the last epoch
+    assert validation_clicks(module, trainer, 1) == [3]
+
+
+def test_the_validation_count_survives_a_resume_and_skips_the_sanity_check(tiny_cfg):
+    cfg = tiny_cfg("model.val_full_curve_every=2")
+    module = hydra.utils.instantiate(cfg.model)
+    assert validation_clicks(module, fitting_trainer(sanity_checking=True), 2) == [3, 3]
+    assert validation_clicks(module, fitting_trainer(), 3) == [3, 1, 3]
+    checkpoint = {}
+    module.on_save_checkpoint(checkpoint)
+    resumed = hydra.utils.instantiate(cfg.model)
+    resumed.on_load_checkpoint(checkpoint)
+    assert validation_clicks(resumed, fitting_trainer(), 3) == [1, 3, 1]  # runs 3, 4, 5
+
+
+def test_validation_outside_fit_measures_the_full_curve_and_is_not_counted(tiny_cfg):
+    module = hydra.utils.instantiate(tiny_cfg("model.val_full_curve_every=5").model)
+    trainer = fitting_trainer(max_steps=-1, max_epochs=10)
+    trainer.state.fn = TrainerFn.VALIDATING
+    assert validation_clicks(module, trainer, 2) == [3, 3]
+    assert module.val_runs == 0
+    module.val_full_curve_every = 0  # never
+    assert validation_clicks(module, trainer, 1) == [1]
 
 
 def tiny_losses(cfg, steps: int) -> list[float]:

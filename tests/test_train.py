@@ -2,17 +2,51 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import pickle
+from types import SimpleNamespace
 
 import pytest
 import torch
+from pytorch_lightning.loggers import WandbLogger
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+import samtrain.train as train_module
 from samtrain.models import build_sam
-from samtrain.train import train
+from samtrain.sam_module import VAL_RUNS_KEY
+from samtrain.train import train, wandb_finished
 
 
-def test_fast_dev_run(tiny_cfg):
+def test_fast_dev_run_finishes_wandb(tiny_cfg, monkeypatch):
+    finished = []
+    monkeypatch.setattr(
+        train_module, "finish_wandb", lambda trainer, exit_code=None: finished.append(exit_code)
+    )
     train(tiny_cfg("debug=fdr"))
+    assert finished == [None]
+
+
+def wandb_trainer(finished: list) -> SimpleNamespace:
+    """A trainer with one wandb logger whose run records how it was finished."""
+    logger = WandbLogger(offline=True)
+    logger._experiment = SimpleNamespace(finish=lambda exit_code=None: finished.append(exit_code))
+    return SimpleNamespace(loggers=[logger])
+
+
+@pytest.mark.parametrize(
+    "error, exit_code",
+    [(None, None), (RuntimeError("boom"), 1), (SIGTERMException(), 0), (KeyboardInterrupt(), 1)],
+    ids=["success", "crash", "sigterm", "interrupt"],
+)
+def test_every_way_out_finishes_wandb(error, exit_code):
+    finished = []
+    trainer = wandb_trainer(finished)
+    raises = pytest.raises(type(error)) if error else contextlib.nullcontext()
+    with raises, wandb_finished(trainer):
+        if error:
+            raise error
+    assert finished == [exit_code]
 
 
 @pytest.fixture
@@ -42,7 +76,33 @@ def test_resume_from_last_checkpoint(short_run, tiny_cfg):
     last = out / "checkpoints" / "last.ckpt"
     state = torch.load(last, map_location="cpu", weights_only=True)
     assert state["global_step"] == 2
+    assert (
+        state[VAL_RUNS_KEY] == 1
+    )  # the fit's one validation (sanity check and trainer.validate not counted)
     resumed = tiny_cfg("trainer.max_epochs=2", f"ckpt_path={last}")
     train(resumed)
     state = torch.load(last, map_location="cpu", weights_only=True)
     assert state["global_step"] == 4  # continued from step 2, not restarted
+    assert state[VAL_RUNS_KEY] == 2
+
+
+class Tripwire:
+    """An object whose unpickling calls ``trip``: loading it would run code from the file."""
+
+    tripped = False
+
+    def __reduce__(self):
+        return (trip, ())
+
+
+def trip() -> None:
+    Tripwire.tripped = True
+
+
+def test_resume_never_unpickles_objects(tiny_cfg, tmp_path, monkeypatch):
+    tampered = tmp_path / "tampered.ckpt"
+    torch.save({"global_step": 2, "payload": Tripwire()}, tampered)
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # torch.load's default would unpickle
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        train(tiny_cfg(f"ckpt_path={tampered}"))
+    assert not Tripwire.tripped
