@@ -17,7 +17,7 @@ import pytorch_lightning as pl
 import torch
 
 from samtrain.data.image_folder import IMAGENET_MEAN, IMAGENET_STD
-from samtrain.fault_tolerance import load_pending_loader_state
+from samtrain.fault_tolerance import load_pending_loader_state, world_size, zero_loss
 from samtrain.models.mae import MaskedAutoencoder
 from samtrain.optim import build_scheduler, no_weight_decay
 
@@ -107,19 +107,29 @@ class MaeModule(pl.LightningModule):
     def forward(self, images: torch.Tensor, generator: torch.Generator | None = None):
         return self.net(images, generator=generator)
 
-    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        loss = self.net(batch).loss
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch.shape[0])
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+        """batch: ``{"image": (B, 3, S, S), "num_skipped": int}`` (``collate_image_batch``)."""
+        if "image" not in batch:  # no readable image (counted by SkippedSamplesBudget)
+            return None if world_size() == 1 else zero_loss(self)
+        images = batch["image"]
+        loss = self.net(images).loss
+        self.log("train/loss", loss, prog_bar=True, batch_size=images.shape[0])
         return loss
 
     def _val_generator(self, batch_idx: int) -> torch.Generator:
         return torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + batch_idx)
 
-    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
-        out = self.net(batch, generator=self._val_generator(batch_idx))
-        self.log("val/loss", out.loss, prog_bar=True, batch_size=batch.shape[0], sync_dist=True)
-        if batch_idx == 0:
-            self._vis = batch[: self.num_vis]
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        if "image" not in batch:
+            return
+        images = batch["image"]
+        out = self.net(images, generator=self._val_generator(batch_idx))
+        self.log("val/loss", out.loss, prog_bar=True, batch_size=images.shape[0], sync_dist=True)
+        if self._vis is None:
+            self._vis = images[: self.num_vis]
+
+    def on_validation_epoch_start(self) -> None:
+        self._vis = None  # the first readable batch of this run is drawn
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking or self._vis is None or not self.trainer.is_global_zero:

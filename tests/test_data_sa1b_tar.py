@@ -165,3 +165,22 @@ def test_dataset_level_errors_fail_at_construction(tmp_path):
     (tmp_path / "x.tar").write_bytes(b"this is not a tar archive" * 40)
     with pytest.raises(ValueError, match=r"x\.tar is not a tar file"):
         Sa1bTarStream(shards=tmp_path / "x.tar")
+
+
+def test_validation_stream_keeps_each_images_mask_subset_every_epoch_and_seed(tmp_path):
+    """The stream seeds each sample by (seed, epoch, key); the eval transform must not let that
+    change which of an image's masks are scored."""
+    make_sa1b_tar(tmp_path / "sa_000000.tar", range(3), k=6)
+
+    def masks(seed: int, epoch: int) -> dict[int, torch.Tensor]:
+        transform = SamTransform(image_size=32, max_masks=2, max_mask_fraction=1.0)
+        stream = Sa1bTarStream(shards=tmp_path, transform=transform, seed=seed, shuffle_shards=False)
+        stream.set_epoch(epoch)
+        return {s["image_id"]: s["masks"] for s in stream}
+
+    first = masks(seed=0, epoch=0)
+    assert all(len(m) == 2 for m in first.values())
+    for seed, epoch in [(0, 1), (0, 4), (9, 0)]:
+        again = masks(seed, epoch)
+        assert again.keys() == first.keys()
+        assert all(torch.equal(again[i], first[i]) for i in first), (seed, epoch)

@@ -7,7 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from samtrain.data import SAM_PIXEL_MEAN, SAM_PIXEL_STD, SamTransform, sam_resize_shape
+from samtrain.data import SAM_PIXEL_MEAN, SAM_PIXEL_STD, SamResizeCrop, SamTransform, sam_resize_shape
+from samtrain.data.rle import RleMasks
+from samtrain.resize import resize_image
+from tests.data_builders import coco_rle
 
 MEAN = torch.tensor(SAM_PIXEL_MEAN).view(3, 1, 1)
 STD = torch.tensor(SAM_PIXEL_STD).view(3, 1, 1)
@@ -55,10 +58,34 @@ def test_eval_rectangle_lands_at_scaled_coordinates_and_padding_is_zero():
     expected_mask = torch.zeros(64, 64, dtype=torch.bool)
     expected_mask[8:24, 12:36] = True
     assert torch.equal(out["masks"][0], expected_mask)
-    image = out["image"]
-    torch.testing.assert_close(image[:, 8:24, 12:36], normalised(red).expand(3, 16, 24), atol=1e-4, rtol=0)
+    image = out["image"]  # bilinear: the rectangle's outermost pixels blend with the background
+    torch.testing.assert_close(image[:, 9:23, 13:35], normalised(red).expand(3, 14, 22), atol=1e-4, rtol=0)
     torch.testing.assert_close(image[:, 26:40, :], normalised(grey).expand(3, 14, 64), atol=1e-4, rtol=0)
     assert (image[:, 40:, :] == 0).all()  # padding is 0 after normalisation
+
+
+def test_eval_image_is_the_predictors_preprocessing():
+    """Validation sees the pixels inference sees: samtrain.resize.resize_image (PIL bilinear, as the
+    official SamPredictor), SAM's normalisation, zero padding."""
+    image = np.random.default_rng(0).integers(0, 256, size=(100, 150, 3), dtype=np.uint8)
+    out = SamTransform(image_size=64)({"image": image, "masks": np.zeros((0, 100, 150), bool), "image_id": 1})
+    resized = torch.from_numpy(np.array(resize_image(image, 64))).permute(2, 0, 1).float()
+    h, w = out["input_size"].tolist()
+    assert (h, w) == tuple(resized.shape[1:]) == (43, 64)
+    torch.testing.assert_close(out["image"][:, :h, :w], (resized - MEAN) / STD, atol=1e-4, rtol=0)
+    assert (out["image"][:, h:] == 0).all()
+
+
+def test_train_resize_stays_cv2():
+    image = np.random.default_rng(0).integers(0, 256, size=(100, 150, 3), dtype=np.uint8)
+    sample = {"image": image, "masks": np.zeros((0, 100, 150), bool), "image_id": 1}
+    transform = SamTransform(image_size=64, train=True, scale_range=None, hflip_prob=0.0)
+    out = transform(sample, rng=np.random.default_rng(0))
+    resized = cv2.resize(image, (64, 43), interpolation=cv2.INTER_AREA)
+    expected = (torch.from_numpy(resized).permute(2, 0, 1).float() - MEAN) / STD
+    torch.testing.assert_close(out["image"][:, :43], expected, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="predictor_resize"):
+        SamResizeCrop(64, scale_range=(0.5, 2.0), predictor_resize=True)
 
 
 def test_eval_half_pixel_size_follows_sam_rounding():
@@ -180,6 +207,22 @@ def test_eval_subset_is_the_same_every_time():
     first = kept_indices(transform(sample))
     assert len(first) == 4 and kept_indices(transform(sample)) == first
     assert len(SamTransform(image_size=64, max_masks=None)(sample)["masks"]) == 10
+
+
+@pytest.mark.parametrize("encoded", [False, True], ids=["decoded", "rle"])
+def test_eval_subset_depends_on_the_image_id_only_whatever_rng_is_passed(encoded):
+    """The loaders pass an rng seeded by (seed, epoch, index): eval must ignore it, else val/mIoU
+    scores another subset of an image's masks every epoch."""
+    sample = many_masks_sample()
+    if encoded:
+        masks = np.stack(sample["masks"])
+        sample = {**sample, "masks": RleMasks.from_segmentations([coco_rle(m) for m in masks], 64, 64)}
+    transform = SamTransform(image_size=64, max_masks=4)
+    subsets = {tuple(kept_indices(transform(sample, rng=np.random.default_rng(s)))) for s in range(8)}
+    assert subsets == {tuple(kept_indices(transform(sample)))}
+    other_ids = {tuple(kept_indices(transform({**sample, "image_id": i}))) for i in range(8)}
+    assert len(other_ids) > 1  # still a random subset, keyed by the image
+    assert len(kept_indices(transform({**sample, "image_id": -5}))) == 4  # any int id
 
 
 def test_state_dict_round_trip_repeats_the_stream():

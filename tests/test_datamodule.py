@@ -53,8 +53,9 @@ def test_collate_rejects_bad_batches():
         collate_sam_batch([fake_sample(1, 1, size=16), fake_sample(1, 2, size=32)])
 
 
-def sample_dataset(split: str, *, train: bool) -> CocoInstanceDataset:
-    transform = SamTransform(image_size=64, train=train, max_masks=4, color_jitter=0.2 if train else 0.0)
+def sample_dataset(split: str, *, train: bool, max_masks: int | None = 4, **kwargs) -> CocoInstanceDataset:
+    kwargs = {"color_jitter": 0.2 if train else 0.0, **kwargs}
+    transform = SamTransform(image_size=64, train=train, max_masks=max_masks, **kwargs)
     return CocoInstanceDataset(
         annotation_file=SAMPLE_DIR / split / "annotations.json",
         image_dir=SAMPLE_DIR / split,
@@ -144,3 +145,32 @@ def test_workers_augment_differently():
     images = [b["image"][0] for b in dm.val_dataloader()]  # worker 0: items 0, 2; worker 1: items 1, 3
     assert not torch.equal(images[0], images[1])
     assert not torch.equal(images[0], images[2])
+
+
+def val_masks(seed: int, epoch: int, max_masks: int | None = 1) -> list[torch.Tensor]:
+    """The masks of every validation image at ``epoch`` (the sampler's epoch, as Lightning sets it)."""
+    dm = SamDataModule(val_dataset=sample_dataset("val", train=False, max_masks=max_masks), seed=seed)
+    loader = dm.val_dataloader()
+    loader.sampler.set_epoch(epoch)
+    return [
+        m for batch in loader for m in batch["masks"].split(batch["mask_image_index"].bincount().tolist())
+    ]
+
+
+def test_val_masks_are_the_same_subset_every_epoch_and_seed():
+    """The val sampler hands each image a seed of (seed, epoch, index); an image with more masks than
+    max_masks must still be scored on the same ones, or val/mIoU is not comparable across epochs."""
+    assert max(len(m) for m in val_masks(0, 0, max_masks=None)) > 1  # some image has a subset to pick
+    first = val_masks(seed=0, epoch=0)
+    for seed, epoch in [(0, 1), (0, 7), (5, 0)]:
+        again = val_masks(seed, epoch)
+        assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True)), (seed, epoch)
+
+
+def test_train_mask_subset_still_varies_with_the_sample_seed():
+    dataset = sample_dataset("train", train=True, max_masks=1, scale_range=None, hflip_prob=0.0)
+    index = next(i for i in range(len(dataset)) if len(dataset.load_sample(i)["masks"]) > 1)
+    subsets = {
+        tuple(dataset[(index, seed)]["masks"].flatten().nonzero()[:1, 0].tolist()) for seed in range(8)
+    }
+    assert len(subsets) > 1

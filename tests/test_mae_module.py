@@ -13,6 +13,7 @@ from hydra.core.global_hydra import GlobalHydra
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from samtrain.callbacks import SkippedSamplesBudget
 from samtrain.data.image_folder import MaeDataModule
 from samtrain.mae_module import MaeModule, mae_param_groups
 from samtrain.mae_train import ENCODER_FILE, pretrain
@@ -27,6 +28,11 @@ SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample" / "train"
 def tiny_net(image_size: int = 64, **kwargs):
     kwargs = {"decoder_depth": 1, "decoder_dim": 64, **kwargs}
     return build_mae("vit_t", image_size=image_size, decoder_num_heads=4, **kwargs)
+
+
+def image_batch(images: list[torch.Tensor]) -> dict:
+    """The MAE batch contract (``collate_image_batch``) for a list of image tensors."""
+    return {"image": torch.stack(images), "num_skipped": 0}
 
 
 def trainer(tmp_path, **kwargs) -> pl.Trainer:
@@ -57,7 +63,7 @@ def test_param_groups_exclude_norms_biases_positions_tokens():
 
 
 def test_lr_scales_with_effective_batch_and_warms_up_then_cosine(tmp_path):
-    loader = DataLoader(torch.randn(32, 3, 32, 32), batch_size=4, drop_last=True)
+    loader = DataLoader(torch.randn(32, 3, 32, 32), batch_size=4, drop_last=True, collate_fn=image_batch)
     module = MaeModule(net=tiny_net(32), warmup_steps=2)
     lrs = []
 
@@ -104,7 +110,7 @@ def test_validation_saves_reconstruction_grid(tmp_path):
     assert path.is_file() and "val/loss" in t.callback_metrics
     image = np.asarray(Image.open(path))
     assert image.dtype == np.uint8 and image.shape == (2 * (32 + 2) + 2, 3 * (32 + 2) + 2, 3)
-    images = next(iter(dm.val_dataloader()))
+    images = next(iter(dm.val_dataloader()))["image"]
     out = module.net(images, generator=module._val_generator(0))
     masked, recon = module.net.reconstruct(images, out.pred, out.mask)
     assert torch.equal((patchify(masked).abs().sum(-1) == 0).float(), out.mask)  # removed patches blank
@@ -169,3 +175,24 @@ def test_reconstruction_grid_goes_to_wandb(tmp_path):
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(path)
     module.log_grid(path)
     assert len(fake.logged) == 1 and isinstance(fake.logged[0]["val/reconstructions"], wandb.Image)
+
+
+def test_fit_skips_and_counts_an_unreadable_image(tmp_path):
+    root = tmp_path / "train"
+    root.mkdir()
+    for i in range(8):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(
+            root / f"{i}.png"
+        )
+    (root / "3.png").write_bytes(b"not a png")
+    dm = MaeDataModule(root=root, val_root=SAMPLE.parent / "val", image_size=32, batch_size=4, seed=0)
+    budget = SkippedSamplesBudget(max_skipped=1)
+    t = trainer(tmp_path, max_epochs=1, limit_val_batches=1, callbacks=[budget])
+    t.fit(MaeModule(net=tiny_net(32)), datamodule=dm)
+    assert t.global_step == 2 and budget.skipped_train == 1
+
+
+def test_a_batch_without_readable_images_is_skipped():
+    module = MaeModule(net=tiny_net(32))
+    assert module.training_step({"num_skipped": 4}, 0) is None
+    assert module.validation_step({"num_skipped": 4}, 0) is None

@@ -16,7 +16,8 @@ Indexing:
   ``transform`` is None);
 - ``dataset[(index, seed)]``: ``transform(sample, rng=np.random.default_rng(seed))``, so the
   augmentation is a pure function of the seed (a sampler that yields ``(index, seed)`` makes it
-  depend only on (run seed, epoch, index): exact resume, DDP equal to one process).
+  depend only on (run seed, epoch, index): exact resume, DDP equal to one process). An eval
+  transform ignores the seed: its output, the mask subset included, depends on the sample alone.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class SamDataset(Dataset):
     """Base of samtrain's map-style datasets; subclasses set ``self.transform``."""
 
     transform: Callable[..., dict] | None = None
+    accepts_sample_seeds = True  # dataset[(index, seed)] seeds the augmentation (module docstring)
 
     def __len__(self) -> int:
         raise NotImplementedError

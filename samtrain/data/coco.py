@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pycocotools import mask as mask_utils
 
 from samtrain.data.base import SamDataset, decoded
 from samtrain.data.errors import SampleError
@@ -18,25 +17,9 @@ from samtrain.data.image_io import read_rgb_image
 from samtrain.data.rle import RleMasks, segmentation_run_lengths
 from samtrain.data.split import select_split
 
-__all__ = ["CocoInstanceDataset", "decode_segmentations", "read_rgb_image", "segmentation_to_rle"]
+__all__ = ["CocoInstanceDataset", "decode_segmentations", "read_rgb_image"]
 
 log = logging.getLogger(__name__)
-
-
-def segmentation_to_rle(segmentation: Any, height: int, width: int) -> dict:
-    """A COCO ``segmentation`` (polygons, uncompressed or compressed RLE) as one compressed RLE.
-
-    Same result as pycocotools' ``COCO.annToRLE``.
-    """
-    if isinstance(segmentation, list):  # polygons: one RLE per part, merged
-        return mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
-    if not isinstance(segmentation, dict) or "counts" not in segmentation:
-        raise ValueError(f"expected polygons or an RLE dict, got {type(segmentation).__name__}")
-    if list(segmentation.get("size", [])) != [height, width]:
-        raise ValueError(f"RLE size {segmentation.get('size')} differs from the image size {[height, width]}")
-    if isinstance(segmentation["counts"], list):  # uncompressed RLE
-        return mask_utils.frPyObjects(segmentation, height, width)
-    return segmentation
 
 
 def decode_segmentations(segmentations: list, height: int, width: int) -> np.ndarray:

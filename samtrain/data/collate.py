@@ -45,3 +45,20 @@ def collate_sam_batch(samples: Sequence[dict | None]) -> dict:
         "image_id": torch.tensor([int(s["image_id"]) for s in samples], dtype=torch.int64),
         "num_skipped": num_skipped,  # a Python int: reading it costs no device sync
     }
+
+
+def collate_image_batch(samples: Sequence[torch.Tensor | None]) -> dict:
+    """Batch image tensors (MAE's samples): each float32 (3, S, S), or None for a sample that could
+    not be read (see ``SkipBadSamples``), dropped and counted as in ``collate_sam_batch``.
+
+    Returns:
+        "image":       float32 (B, 3, S, S), absent when every sample of the batch failed
+        "num_skipped": int, the samples of this batch that could not be read
+    """
+    if len(samples) == 0:
+        raise ValueError("collate_image_batch got an empty list of samples")
+    images = [s for s in samples if s is not None]
+    num_skipped = len(samples) - len(images)
+    if not images:
+        return {"num_skipped": num_skipped}
+    return {"image": torch.stack(images), "num_skipped": num_skipped}

@@ -7,15 +7,15 @@ from pytorch_lightning import LightningDataModule
 from torch.utils.data import Dataset, IterableDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from samtrain.data.base import SamDataset
 from samtrain.data.collate import collate_sam_batch
 from samtrain.data.errors import SkipBadSamples
 from samtrain.data.sampler import SeededShardSampler
 
 
 def takes_sample_seeds(dataset: Dataset) -> bool:
-    """Whether ``dataset[(index, seed)]`` seeds the sample's augmentation (samtrain's datasets do)."""
-    return isinstance(dataset, SamDataset)
+    """Whether ``dataset[(index, seed)]`` seeds the sample's augmentation (samtrain's datasets do:
+    they set ``accepts_sample_seeds``)."""
+    return bool(getattr(dataset, "accepts_sample_seeds", False))
 
 
 def set_stream_epoch(trainer) -> None:
@@ -44,6 +44,25 @@ class IgnoreSampleSeeds(Dataset):
     def load_state_dict(self, state: dict) -> None:
         if hasattr(self.dataset, "load_state_dict"):
             self.dataset.load_state_dict(state)
+
+
+def sharded_loader(
+    dataset: Dataset, *, seed: int, train: bool, rank: int, world_size: int, **loader_args
+) -> StatefulDataLoader:
+    """A ``StatefulDataLoader`` over rank ``rank``'s share of a map-style dataset.
+
+    A :class:`SeededShardSampler` orders each epoch (shuffled by ``(seed, epoch)`` and cut to a
+    multiple of ``world_size`` for training, in order and complete otherwise) and hands each sample
+    its seed; a dataset that does not take ``(index, seed)`` keys is wrapped in
+    :class:`IgnoreSampleSeeds`. Samples raising ``SampleError`` become None (``SkipBadSamples``): the
+    ``collate_fn`` in ``loader_args`` drops and counts them.
+    """
+    if not takes_sample_seeds(dataset):
+        dataset = IgnoreSampleSeeds(dataset)
+    sampler = SeededShardSampler(
+        len(dataset), seed=seed, shuffle=train, rank=rank, world_size=world_size, even=train
+    )
+    return StatefulDataLoader(SkipBadSamples(dataset), sampler=sampler, **loader_args)
 
 
 class SamDataModule(LightningDataModule):
@@ -141,14 +160,12 @@ class SamDataModule(LightningDataModule):
         if isinstance(dataset, IterableDataset):
             # Fresh workers each epoch: they receive the epoch set by set_stream_epoch.
             return StatefulDataLoader(dataset, persistent_workers=False, **loader_args)
-        if not takes_sample_seeds(dataset):
-            dataset = IgnoreSampleSeeds(dataset)
-        sampler = SeededShardSampler(
-            len(dataset), seed=seed, shuffle=train, rank=rank, world_size=world_size, even=train
-        )
-        return StatefulDataLoader(
-            SkipBadSamples(dataset),
-            sampler=sampler,
+        return sharded_loader(
+            dataset,
+            seed=seed,
+            train=train,
+            rank=rank,
+            world_size=world_size,
             persistent_workers=self.persistent_workers and self.num_workers > 0,
             **loader_args,
         )

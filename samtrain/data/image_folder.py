@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
+import random
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,27 +16,25 @@ import torch
 from torch.utils.data import Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from samtrain.data.coco import read_rgb_image
+from samtrain.data.collate import collate_image_batch
+from samtrain.data.datamodule import sharded_loader
+from samtrain.data.image_io import find_images, read_rgb_image
+from samtrain.data.split import select_split
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "ImageFolderDataset",
+    "MaeDataModule",
+    "find_images",
+    "mae_transform",
+]
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 # MAE normalises with ImageNet's statistics (as does SAM).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def find_images(root: str | Path) -> list[Path]:
-    """Every image file under root (recursive, extensions case-insensitive), sorted.
-
-    Raises FileNotFoundError when root is missing and ValueError when it holds no image."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"image folder {root} does not exist or is not a directory")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-    if not files:
-        raise ValueError(f"image folder {root} holds no images (extensions: {', '.join(IMAGE_EXTENSIONS)})")
-    return files
 
 
 def mae_transform(
@@ -61,12 +59,17 @@ def mae_transform(
 
 
 class ImageFolderDataset(Dataset):
-    """Images under ``root`` as float tensors (3, S, S) normalised with ImageNet's mean/std.
+    """Images under ``root`` as float32 (3, S, S) tensors normalised with ImageNet's mean/std.
 
-    An unreadable file is skipped with a warning naming it; the next readable image is returned
-    instead and the file counted in ``num_skipped`` (per process: DataLoader workers keep their own
-    count). ``files`` restricts the dataset to a subset of the folder (e.g. a train/val split).
+    ``dataset[index]`` augments with an RNG seeded once per process from ``torch.initial_seed()``;
+    ``dataset[(index, seed)]`` (what :class:`SeededShardSampler` yields) seeds the augmentation with
+    ``seed``, so it depends only on (run seed, epoch, index). A file that cannot be read raises
+    :class:`samtrain.data.errors.SampleError` naming it: the loaders of :class:`MaeDataModule` skip,
+    log and count it (``SkipBadSamples``, ``collate_image_batch``); any other error propagates.
+    ``files`` restricts the dataset to a subset of the folder (e.g. a train/val split).
     """
+
+    accepts_sample_seeds = True
 
     def __init__(
         self,
@@ -87,38 +90,28 @@ class ImageFolderDataset(Dataset):
         self.transform = mae_transform(
             self.image_size, train=train, scale=tuple(scale), hflip_prob=hflip_prob
         )
-        self.skipped: set[Path] = set()
         self._seeded_pid: int | None = None
-
-    @property
-    def num_skipped(self) -> int:
-        return len(self.skipped)
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def _seed_transform(self) -> None:
-        """Seed albumentations once per process from torch (distinct per worker, follows the run seed)."""
-        if self._seeded_pid != os.getpid():
+    def sample_name(self, index: int) -> str:
+        return str(self.files[index])
+
+    def _seed_transform(self, seed: int | None) -> None:
+        """Seed albumentations with ``seed``, or once per process from torch (distinct per worker)."""
+        if seed is not None:
+            self.transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
+            self._seeded_pid = None  # a later unseeded call reseeds from torch
+        elif self._seeded_pid != os.getpid():
             self.transform.set_random_seed(torch.initial_seed() % 2**32)
             self._seeded_pid = os.getpid()
 
-    def read(self, index: int) -> tuple[np.ndarray, Path]:
-        """The first readable image from ``index`` on (wrapping round), and its path."""
-        for offset in range(len(self.files)):
-            path = self.files[(index + offset) % len(self.files)]
-            try:
-                return read_rgb_image(path), path
-            except Exception as err:  # SampleError from read_rgb_image, or a decoder failure
-                if path not in self.skipped:
-                    self.skipped.add(path)
-                    warnings.warn(f"skipping unreadable image {path}: {err}", stacklevel=2)
-        raise RuntimeError(f"none of the {len(self.files)} images under {self.root} can be read")
-
-    def __getitem__(self, index: int) -> torch.Tensor:
+    def __getitem__(self, item: int | tuple[int, int]) -> torch.Tensor:
+        index, seed = item if isinstance(item, tuple) else (item, None)
+        image = read_rgb_image(self.files[int(index)])  # SampleError when unreadable
         if self.train:
-            self._seed_transform()
-        image, _ = self.read(index)
+            self._seed_transform(None if seed is None else int(seed))
         out = self.transform(image=image)["image"]
         return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1))).float()
 
@@ -126,11 +119,32 @@ class ImageFolderDataset(Dataset):
 class MaeDataModule(pl.LightningDataModule):
     """Train/val image folders for MAE pretraining, loaded with torchdata ``StatefulDataLoader``s.
 
-    Validation images come from ``val_root`` when given, else from a deterministic split of
-    ``root``: a fraction ``val_fraction`` of the sorted files chosen by a permutation seeded with
-    ``split_seed`` (at least one image, and at least one left for training). Batches are image
-    tensors (B, 3, S, S). Training shuffles with a generator seeded by ``seed`` (default: the run
-    seed) and the global rank, and drops the last incomplete batch when the set has a full one.
+    Validation images come from ``val_root`` when given, else from a split of ``root`` by a stable
+    hash of each file's path relative to ``root`` (:func:`samtrain.data.split.select_split`, seeded
+    with ``split_seed``): about ``val_fraction`` of the files, and adding or removing files moves no
+    other file between the splits.
+
+    The module shards the data itself, as :class:`samtrain.data.SamDataModule` does (trainers run
+    with ``use_distributed_sampler: false``): a :class:`SeededShardSampler` per loader, each training
+    epoch one permutation seeded by ``(seed, epoch)`` of which rank ``r`` of ``W`` takes every
+    ``W``-th image, each image augmented from a seed of ``(seed, epoch, index)``. Validation is
+    split across the ranks in order, every image once.
+
+    Unreadable images are logged with their file and skipped (``SkipBadSamples``). The loaders yield
+    ``{"image": (B, 3, S, S), "num_skipped": int}`` (``collate_image_batch``; no ``"image"`` when no
+    image of the batch could be read), which :class:`samtrain.callbacks.SkippedSamplesBudget`
+    counts over all ranks, as in SAM training.
+
+    Args:
+        root: folder of training images (recursive).
+        image_size: S.
+        val_root: folder of validation images (None: split ``root``).
+        val_fraction, split_seed: the split of ``root`` when ``val_root`` is None.
+        batch_size: training images per device; ``val_batch_size``: per validation batch.
+        num_workers, pin_memory: DataLoader settings.
+        scale, hflip_prob: MAE's augmentation (RandomResizedCrop scale, flip probability).
+        drop_last: drop each rank's last incomplete training batch (when it has a full one).
+        seed: order and augmentation seed (None: ``torch.initial_seed()``, the run seed).
     """
 
     def __init__(
@@ -164,7 +178,7 @@ class MaeDataModule(pl.LightningDataModule):
         if self.val_root is not None:
             train_files, val_files = find_images(self.root), find_images(self.val_root)
         else:
-            train_files, val_files = self.split(find_images(self.root), val_fraction, split_seed)
+            train_files, val_files = self.split(self.root, val_fraction, split_seed)
         common = {"image_size": self.image_size}
         self.train_dataset = ImageFolderDataset(
             root=self.root, train=True, scale=scale, hflip_prob=hflip_prob, files=train_files, **common
@@ -174,35 +188,47 @@ class MaeDataModule(pl.LightningDataModule):
         )
 
     @staticmethod
-    def split(files: list[Path], val_fraction: float, seed: int) -> tuple[list[Path], list[Path]]:
-        """(train, val) files: a seeded permutation of the sorted list, val_fraction of it for val."""
-        if len(files) < 2:
-            raise ValueError(
-                f"need at least 2 images to split off a validation set, found {len(files)}; set val_root"
-            )
-        num_val = min(len(files) - 1, max(1, round(len(files) * val_fraction)))
-        order = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed)).tolist()
-        val = sorted(files[i] for i in order[:num_val])
-        train = sorted(files[i] for i in order[num_val:])
+    def split(root: Path, val_fraction: float, seed: int) -> tuple[list[Path], list[Path]]:
+        """(train, val) image files of ``root``, split by a stable hash of the path relative to
+        ``root``; ValueError when either side is empty."""
+        files = find_images(root)
+
+        def key(path: Path) -> str:
+            return path.relative_to(root).as_posix()
+
+        train, val = (select_split(files, key, split, val_fraction, seed) for split in ("train", "val"))
+        for name, part in (("train", train), ("val", val)):
+            if not part:
+                raise ValueError(
+                    f"image folder {root}: none of its {len(files)} images falls in the {name} split "
+                    f"(val_fraction={val_fraction}, split_seed={seed}); change val_fraction or set val_root"
+                )
         return train, val
 
-    def _generator(self) -> torch.Generator:
-        base = self.seed if self.seed is not None else torch.initial_seed()
-        rank = self.trainer.global_rank if self.trainer is not None else 0
-        return torch.Generator().manual_seed((int(base) + 1_000_003 * rank) % 2**63)
+    def _rank_and_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
     def _loader(self, dataset: ImageFolderDataset, *, train: bool) -> StatefulDataLoader:
+        rank, world_size = self._rank_and_world()
+        seed = int(self.seed if self.seed is not None else torch.initial_seed())
         batch_size = self.batch_size if train else self.val_batch_size
-        workers = self.num_workers > 0
-        return StatefulDataLoader(
+        # each rank's share of a training epoch (the sampler cuts it even across ranks)
+        share = len(dataset) // world_size
+        return sharded_loader(
             dataset,
+            seed=seed,
+            train=train,
+            rank=rank,
+            world_size=world_size,
             batch_size=batch_size,
-            shuffle=train,
-            drop_last=train and self.drop_last and len(dataset) >= batch_size,
-            generator=self._generator(),
+            drop_last=train and self.drop_last and share >= batch_size,
+            collate_fn=collate_image_batch,
+            # seeds the workers' torch RNG; it differs per rank
+            generator=torch.Generator().manual_seed((seed + 1_000_003 * rank) % 2**63),
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
-            persistent_workers=workers,
+            persistent_workers=self.num_workers > 0,
         )
 
     def train_dataloader(self) -> StatefulDataLoader:

@@ -16,6 +16,8 @@ import numpy as np
 
 from samtrain.data.errors import SampleError
 
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
 # A complete JPEG ends with the EOI marker, a complete PNG with the IEND chunk. Some writers
 # append padding after them, so the marker is looked for near the end, not at the very end.
 _TRAILER_WINDOW = 1024
@@ -68,3 +70,16 @@ def read_rgb_image(path: str | Path) -> np.ndarray:
     Raises SampleError naming the file when it is missing, truncated or cannot be decoded.
     """
     return decode_rgb_image(read_bytes(path), path)
+
+
+def find_images(root: str | Path) -> list[Path]:
+    """Every image file under ``root`` (recursive; ``IMAGE_EXTENSIONS``, any case), sorted by the
+    path relative to ``root``. FileNotFoundError when ``root`` is not a folder, ValueError when it
+    holds no image."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist or is not a directory")
+    files = [p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
+    if not files:
+        raise ValueError(f"image folder {root} holds no images (extensions: {', '.join(IMAGE_EXTENSIONS)})")
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())

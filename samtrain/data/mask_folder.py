@@ -30,10 +30,8 @@ from PIL import Image, ImageOps
 
 from samtrain.data.base import SamDataset
 from samtrain.data.errors import SampleError
-from samtrain.data.image_io import read_bytes, read_rgb_image, truncation_reason
+from samtrain.data.image_io import find_images, read_bytes, read_rgb_image, truncation_reason
 from samtrain.data.split import select_split, stable_hash
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
 def read_label_png(path: Path) -> np.ndarray:
@@ -54,19 +52,6 @@ def read_label_png(path: Path) -> np.ndarray:
     return labels
 
 
-def _list_images(image_dir: Path) -> list[str]:
-    if not image_dir.is_dir():
-        raise FileNotFoundError(f"image folder {image_dir} does not exist or is not a directory")
-    files = sorted(
-        p.relative_to(image_dir).as_posix()
-        for p in image_dir.rglob("*")
-        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-    )
-    if not files:
-        raise ValueError(f"image folder {image_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-    return files
-
-
 class _MaskFolderDataset(SamDataset):
     """Pairs images with masks by key; subclasses implement ``read_masks``."""
 
@@ -84,7 +69,7 @@ class _MaskFolderDataset(SamDataset):
         self.image_dir, self.mask_dir = Path(image_dir), Path(mask_dir)
         self.transform = transform
         self.min_mask_area = int(min_mask_area)
-        files = _list_images(self.image_dir)
+        files = [p.relative_to(self.image_dir).as_posix() for p in find_images(self.image_dir)]
         if not self.mask_dir.is_dir():
             raise FileNotFoundError(f"mask folder {self.mask_dir} does not exist or is not a directory")
         files = select_split(files, str, split, val_fraction, split_seed)

@@ -147,15 +147,6 @@ class RleMasks:
         """Foreground pixels of each mask: int64 (K,)."""
         return np.array([int(r[1::2].sum()) for r in self.runs], dtype=np.int64)
 
-    def boxes(self) -> np.ndarray:
-        """Bounding boxes int64 (K, 4) as (y0, y1, x0, x1), ends exclusive; (0, 0, 0, 0) when empty."""
-        out = np.zeros((len(self.runs), 4), dtype=np.int64)
-        for k, runs in enumerate(self.runs):
-            starts, ends = _foreground_runs(runs)
-            if starts.size:
-                out[k] = self._box(starts, ends)
-        return out
-
     def _box(self, starts: np.ndarray, ends: np.ndarray) -> tuple[int, int, int, int]:
         """(y0, y1, x0, x1) of foreground runs given as column-major [start, end)."""
         h = self.height

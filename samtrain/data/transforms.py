@@ -31,6 +31,7 @@ from samtrain.resize import (
     PIXEL_MEAN as SAM_PIXEL_MEAN,
     PIXEL_STD as SAM_PIXEL_STD,
     preprocess_shape as sam_resize_shape,
+    resize_image,
 )
 
 
@@ -45,18 +46,32 @@ class SamResizeCrop(A.DualTransform):
     """Resize the longest side to ``image_size`` (times a random factor when ``scale_range`` is set:
     large-scale jitter), then crop a random window of at most ``image_size x image_size``.
 
-    Without ``scale_range`` this is SAM's resize exactly (no crop ever happens). The image is
-    resized with ``INTER_AREA`` when shrinking and ``INTER_LINEAR`` when enlarging; masks with
-    nearest neighbour, computing only the cropped window. Padding is left to the caller.
+    Without ``scale_range`` the output size is SAM's (``int(x * scale + 0.5)``) and no crop ever
+    happens. The image is resized with cv2, ``INTER_AREA`` when shrinking and ``INTER_LINEAR`` when
+    enlarging (fast, for training), or with ``predictor_resize`` by the predictor's own function
+    (:func:`samtrain.resize.resize_image`, PIL bilinear like the official SAM code), so the pixels
+    are exactly those inference sees. Masks are resized with nearest neighbour, computing only the
+    cropped window. Padding is left to the caller.
     """
 
-    def __init__(self, image_size: int, scale_range: tuple[float, float] | None = None, p: float = 1.0):
+    def __init__(
+        self,
+        image_size: int,
+        scale_range: tuple[float, float] | None = None,
+        predictor_resize: bool = False,
+        p: float = 1.0,
+    ):
         super().__init__(p=p)
         self.image_size = int(image_size)
         self.scale_range = None if scale_range is None else (float(scale_range[0]), float(scale_range[1]))
+        self.predictor_resize = bool(predictor_resize)
+        if self.predictor_resize and self.scale_range is not None:
+            raise ValueError(
+                "SamResizeCrop: predictor_resize resizes to image_size only; set scale_range=None"
+            )
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:
-        return ("image_size", "scale_range")
+        return ("image_size", "scale_range", "predictor_resize")
 
     def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
         height, width = params["shape"][:2]
@@ -72,11 +87,15 @@ class SamResizeCrop(A.DualTransform):
         new_h, new_w = resized_hw
         y0, x0, crop_h, crop_w = crop
         if (new_h, new_w) != img.shape[:2]:
-            shrink = new_h * new_w < img.shape[0] * img.shape[1]
-            img = cv2.resize(
-                img, (new_w, new_h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
-            )
+            img = self._resize(img, new_h, new_w)
         return img[y0 : y0 + crop_h, x0 : x0 + crop_w]
+
+    def _resize(self, img: np.ndarray, new_h: int, new_w: int) -> np.ndarray:
+        """uint8 (H, W, C) -> (new_h, new_w, C)."""
+        if self.predictor_resize:  # (new_h, new_w) is SAM's shape for image_size: the predictor's resize
+            return resize_image(img, self.image_size)
+        shrink = new_h * new_w < img.shape[0] * img.shape[1]
+        return cv2.resize(img, (new_w, new_h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
 
     @staticmethod
     def _mask_indices(source_hw: tuple, resized_hw: tuple, crop: tuple) -> tuple[np.ndarray, np.ndarray]:
@@ -126,21 +145,25 @@ class SamTransform:
     Input: ``{"image": uint8 (H, W, 3) RGB, "masks": (K, H, W) bool/uint8 or a list of (H, W),
     "image_id": int}``. Output: the sample contract of this module.
 
-    Eval: resize longest side to ``image_size`` (``int(x * scale + 0.5)``), normalise, pad.
+    Eval: resize longest side to ``image_size`` (``int(x * scale + 0.5)``) with the predictor's
+    resize (PIL bilinear, :func:`samtrain.resize.resize_image`: validation scores the pixels
+    inference sees), normalise, pad.
     Train: large-scale jitter (rescale by a factor from ``scale_range`` relative to the eval
-    size, random crop back to ``image_size``), horizontal flip, colour jitter. In both modes masks
-    that end up with fewer than ``min_mask_area`` pixels, or cover more than
-    ``max_mask_fraction`` of the unpadded image, are dropped; then at most ``max_masks`` are kept,
-    a random subset (in eval, seeded by the image id so every epoch sees the same masks).
+    size, random crop back to ``image_size``; cv2 resize, faster), horizontal flip, colour jitter.
+    In both modes masks that end up with fewer than ``min_mask_area`` pixels, or cover more than
+    ``max_mask_fraction`` of the unpadded image, are dropped; then at most ``max_masks`` are kept:
+    in training a random subset; in eval a subset that is a function of the image id alone, so
+    every epoch, seed, rank and worker scores the same masks of an image.
 
     Masks may also come run-length encoded (:class:`samtrain.data.rle.RleMasks`, what
     ``SamDataset.load_encoded_sample`` gives): then the image goes through the pipeline alone and
     each mask is decoded straight onto the output grid, only inside its bounding box, never at
     full resolution. The result is identical to passing the decoded masks.
 
-    Randomness: ``__call__(sample, rng=...)`` uses the given numpy Generator; otherwise one per
-    process and DataLoader worker, seeded from ``torch.initial_seed()``. ``state_dict`` /
-    ``load_state_dict`` save and restore it (a resumed run continues the same stream).
+    Randomness (training only): ``__call__(sample, rng=...)`` uses the given numpy Generator;
+    otherwise one per process and DataLoader worker, seeded from ``torch.initial_seed()``.
+    ``state_dict`` / ``load_state_dict`` save and restore it (a resumed run continues the same
+    stream). In eval the output depends on the sample alone: a given ``rng`` is ignored.
 
     Args:
         image_size: S, the side of the square output.
@@ -199,7 +222,7 @@ class SamTransform:
     def _steps(self) -> list:
         """The albumentations pipeline: geometry first (resize once), then flip, colour, normalise."""
         if not self.train:
-            steps = [SamResizeCrop(self.image_size)]
+            steps = [SamResizeCrop(self.image_size, predictor_resize=True)]
         else:
             steps = [SamResizeCrop(self.image_size, scale_range=self.scale_range)]
             if self.hflip_prob > 0:
@@ -244,8 +267,10 @@ class SamTransform:
                 )
         else:
             image, masks = _check_sample(sample)
-        if rng is None:
-            rng = self._process_rng() if self.train else np.random.default_rng(image_id)
+        if not self.train:
+            rng = eval_mask_rng(image_id)  # whatever was passed: the same masks every epoch
+        elif rng is None:
+            rng = self._process_rng()
         if self.train:  # albumentations draws from generators seeded by ours
             seed = int(rng.integers(2**63))
             self.pipeline.set_random_state(np.random.default_rng(seed), random.Random(seed))
@@ -318,8 +343,15 @@ class SamTransform:
         return (
             f"{type(self).__name__}(image_size={self.image_size}, train={self.train}, max_masks={self.max_masks}, "
             f"min_mask_area={self.min_mask_area}, max_mask_fraction={self.max_mask_fraction}, "
-            f"scale_range={self.scale_range}, hflip_prob={self.hflip_prob}, color_jitter={self.color_jitter})"
+            f"scale_range={self.scale_range}, hflip_prob={self.hflip_prob}, color_jitter={self.color_jitter}, "
+            f"resize={'cv2' if self.train else 'predictor'})"
         )
+
+
+def eval_mask_rng(image_id: int) -> np.random.Generator:
+    """The generator that picks an eval sample's mask subset: a function of its image id alone
+    (numpy's SeedSequence hashes the id; negative ids map to distinct 64-bit seeds)."""
+    return np.random.default_rng(int(image_id) % 2**64)
 
 
 def _zeros_bool(count: int, size: int) -> torch.Tensor:
