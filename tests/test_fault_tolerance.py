@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import logging
+from types import SimpleNamespace
+
 import pytest
 import pytorch_lightning as pl
 import torch
 
-from samtrain.fault_tolerance import NonFiniteGuard, gradients_are_finite, non_finite_tensors
+from samtrain.fault_tolerance import (
+    NonFiniteGuard,
+    gradients_are_finite,
+    load_pending_loader_state,
+    non_finite_tensors,
+)
 from samtrain.train import build_run
 
 STEPS = ("trainer.max_steps=4", "trainer.limit_train_batches=4", "trainer.limit_val_batches=0")
@@ -118,3 +126,10 @@ def test_fp16_loss_scaling_handles_its_own_overflows():
     guard = NonFiniteGuard()
     guard.on_before_optimizer_step(scaled, layer, optimizer)
     assert guard.skipped == 0 and layer.bias.grad is not None  # left to the scaler
+
+
+def test_loader_state_workaround_warns_when_lightning_internals_change(caplog):
+    trainer = SimpleNamespace(fit_loop=SimpleNamespace(restarting=True))
+    with caplog.at_level(logging.WARNING):
+        load_pending_loader_state(trainer)
+    assert "may restart the epoch" in caplog.text
