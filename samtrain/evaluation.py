@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from samtrain.losses import binary_iou
 from samtrain.prompts import masks_to_boxes, sample_error_points
 
 __all__ = [
@@ -36,7 +37,6 @@ __all__ = [
     "evaluate_batch",
     "input_regions",
     "logits_to_masks",
-    "masks_iou",
     "trace_clicks",
     "trace_interaction",
 ]
@@ -74,13 +74,6 @@ def logits_to_masks(low_res_logits: torch.Tensor, regions: torch.Tensor) -> torc
         low_res_logits.float(), size=tuple(regions.shape[-2:]), mode="bilinear", align_corners=False
     )
     return (logits[:, 0] > 0) & regions
-
-
-def masks_iou(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
-    """IoU of binary masks ``(N, H, W) bool`` -> ``(N,) float32``; the union is clamped to >= 1."""
-    intersection = (pred & gt).flatten(1).sum(1).float()
-    union = (pred | gt).flatten(1).sum(1).float()
-    return intersection / union.clamp(min=1)
 
 
 def _pick_output(
@@ -176,7 +169,7 @@ def trace_clicks(
         else:
             mask_inputs = logits[:, SINGLE_MASK_OUTPUT : SINGLE_MASK_OUTPUT + 1]
         pred = logits_to_masks(mask_inputs, regions)
-        ious.append(masks_iou(pred, gt))
+        ious.append(binary_iou(pred, gt))
         if keep_masks:
             masks.append(pred)
     return ClickTrace(
@@ -231,7 +224,7 @@ def box_prediction(
     boxes = masks_to_boxes(gt).float()
     logits, iou_pred = model.decode_masks(image_embeddings, boxes=boxes, image_indices=image_indices)
     pred = logits_to_masks(logits[:, SINGLE_MASK_OUTPUT : SINGLE_MASK_OUTPUT + 1], regions)
-    return boxes, pred, masks_iou(pred, gt), iou_pred[:, SINGLE_MASK_OUTPUT].float()
+    return boxes, pred, binary_iou(pred, gt), iou_pred[:, SINGLE_MASK_OUTPUT].float()
 
 
 def box_iou(

@@ -13,7 +13,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["SamLoss", "dice_loss", "mask_iou", "resize_targets", "sam_loss", "sigmoid_focal_loss"]
+__all__ = [
+    "SamLoss",
+    "binary_iou",
+    "dice_loss",
+    "mask_iou",
+    "resize_targets",
+    "sam_loss",
+    "sigmoid_focal_loss",
+]
 
 IOU_SUPERVISION = ("all", "chosen")
 
@@ -86,8 +94,12 @@ def mask_iou(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         ``(...) float32`` IoU; the union is clamped to >= 1, so two empty masks give 0.
     """
     _check_pair(logits, targets)
-    pred = logits > 0
     truth = targets if targets.dtype == torch.bool else targets > 0.5
+    return binary_iou(logits > 0, truth)
+
+
+def binary_iou(pred: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """IoU of bool masks ``(..., H, W)`` -> ``(...) float32``; the union is clamped to >= 1."""
     intersection = (pred & truth).sum(dim=(-2, -1)).to(torch.float32)
     union = (pred | truth).sum(dim=(-2, -1)).to(torch.float32)
     return intersection / union.clamp(min=1)

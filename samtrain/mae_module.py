@@ -19,7 +19,7 @@ import torch
 from samtrain.data.image_folder import IMAGENET_MEAN, IMAGENET_STD
 from samtrain.fault_tolerance import load_pending_loader_state, world_size, zero_loss
 from samtrain.models.mae import MaskedAutoencoder
-from samtrain.optim import build_scheduler, no_weight_decay
+from samtrain.optim import build_scheduler, decay_groups
 
 log = logging.getLogger(__name__)
 
@@ -27,19 +27,7 @@ log = logging.getLogger(__name__)
 def mae_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Decay / no-decay groups: no decay for 1-d tensors (norms, biases), positions and tokens.
     Parameters that do not train (the fixed sin-cos positions) are left out."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        if no_weight_decay(name, param):
-            no_decay.append(param)
-        else:
-            decay.append(param)
-    return [
-        g
-        for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0})
-        if g["params"]
-    ]
+    return decay_groups(model.named_parameters(), weight_decay=weight_decay)
 
 
 def to_uint8(images: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from timm.optim import param_groups_layer_decay
 from torch import nn
@@ -44,13 +44,20 @@ def sam_param_groups(
         rest = [(n, p) for n, p in model.named_parameters() if not n.startswith("image_encoder.")]
     else:
         rest = list(model.named_parameters())
-    decay = [p for n, p in rest if p.requires_grad and not no_weight_decay(n, p)]
-    no_decay = [p for n, p in rest if p.requires_grad and no_weight_decay(n, p)]
-    groups += [
-        {"params": decay, "weight_decay": weight_decay, "lr": lr},
-        {"params": no_decay, "weight_decay": 0.0, "lr": lr},
-    ]
-    return [g for g in groups if g["params"]]
+    return groups + decay_groups(rest, weight_decay=weight_decay, lr=lr)
+
+
+def decay_groups(
+    named_params: Iterable[tuple[str, nn.Parameter]], *, weight_decay: float, **options
+) -> list[dict]:
+    """The trainable parameters split into a weight-decay group and a no-decay group (1-d tensors,
+    positions, tokens: ``no_weight_decay``), empty groups left out; ``options`` go to both."""
+    decay, no_decay = [], []
+    for name, param in named_params:
+        if param.requires_grad:
+            (no_decay if no_weight_decay(name, param) else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [{**g, **options} for g in groups if g["params"]]
 
 
 def warmup_step_decay(warmup_steps: int, milestones: Sequence[int], gamma: float) -> Callable[[int], float]:

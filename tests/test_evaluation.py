@@ -10,8 +10,8 @@ from samtrain.evaluation import (
     evaluate_batch,
     input_regions,
     logits_to_masks,
-    masks_iou,
 )
+from samtrain.losses import binary_iou
 from samtrain.metrics import number_of_clicks
 from samtrain.models import build_sam
 
@@ -196,12 +196,12 @@ def test_box_protocol_uses_the_tight_inclusive_box():
     assert torch.equal(pred_ious, torch.full((3,), 0.75))
 
 
-def test_masks_iou():
+def test_binary_iou():
     a = torch.zeros(3, 4, 4, dtype=torch.bool)
     b = torch.zeros(3, 4, 4, dtype=torch.bool)
     a[0, :2], b[0, 1:3] = True, True  # 4 / 12
     a[1], b[1] = True, True
-    assert masks_iou(a, b).tolist() == pytest.approx([1 / 3, 1.0, 0.0])
+    assert binary_iou(a, b).tolist() == pytest.approx([1 / 3, 1.0, 0.0])
 
 
 @pytest.fixture(scope="module")

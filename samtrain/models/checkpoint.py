@@ -42,10 +42,14 @@ class LoadReport:
             ("unexpected", self.unexpected),
         ):
             if keys:
-                lines.append(
-                    f"  {name} ({len(keys)}): {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
-                )
+                lines.append(key_list_line(name, keys))
         return "\n".join(lines)
+
+
+def key_list_line(name: str, keys: list[str], shown: int = 8) -> str:
+    """One line of a load report: ``  name (count): the first keys ...``."""
+    more = " ..." if len(keys) > shown else ""
+    return f"  {name} ({len(keys)}): {', '.join(keys[:shown])}{more}"
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

@@ -26,7 +26,7 @@ import torch
 from timm.layers import resample_abs_pos_embed_nhwc
 from torch import nn
 
-from samtrain.models.checkpoint import _strip_prefixes, read_state_dict
+from samtrain.models.checkpoint import _strip_prefixes, key_list_line, read_state_dict
 
 # Prefixes in front of the encoder's keys: MaeModule/MaskedAutoencoder, this module's output.
 _ENCODER_PREFIXES = ("encoder.", "image_encoder.")
@@ -54,9 +54,7 @@ class TransferReport:
         for name in ("resampled", "zeroed", "fresh", "ignored"):
             keys = getattr(self, name)
             if keys:
-                lines.append(
-                    f"  {name} ({len(keys)}): {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
-                )
+                lines.append(key_list_line(name, keys))
         return "\n".join(lines)
 
 
