@@ -201,7 +201,9 @@ class OfficialModule(SamModule):
         return super().image_embeddings(batch)
 
     def decoder_image(self, embeddings: torch.Tensor) -> torch.Tensor:
-        return embeddings  # the official decoder prepares its input in every call
+        # The raw embeddings: the official decoder prepares its input in every call. (So this side
+        # cannot run with decoder_backward_per_pass, which needs a DecoderImage; it never does.)
+        return embeddings
 
     def _group(self, image_indices: torch.Tensor, labels: torch.Tensor, num_images: int):
         """[(image, is point-first, mask indices)] and the inverse permutation of their order."""

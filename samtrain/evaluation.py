@@ -110,11 +110,10 @@ def _centre_click(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """RITM centre click per mask, ``(N, S, S) bool`` each -> ``(N, 1, 2) float32``, ``(N, 1) int64``.
 
-    The padding is marked as object in both masks: it is in neither error region (so the clicks are
-    those on the unpadded image) and not background, so the negative click that follows a perfect
-    prediction also lands inside the image.
+    The padding is neither error nor background (``valid=regions``): the clicks are those on the
+    unpadded image, and the negative click that follows a perfect prediction lands inside it too.
     """
-    return sample_error_points(gt | ~regions, pred | ~regions, method="center")
+    return sample_error_points(gt, pred, method="center", valid=regions)
 
 
 @dataclass

@@ -22,7 +22,12 @@ from torch.utils.checkpoint import checkpoint
 
 from samtrain.data.datamodule import set_stream_epoch
 from samtrain.evaluation import evaluate_batch, input_regions, logits_to_masks
-from samtrain.fault_tolerance import load_pending_loader_state, world_size, zero_loss
+from samtrain.fault_tolerance import (
+    load_pending_loader_state,
+    refuse_empty_batch_if_sharded,
+    world_size,
+    zero_loss,
+)
 from samtrain.losses import SamLoss, sam_loss
 from samtrain.metrics import InteractiveMetrics
 from samtrain.models.image_encoder import set_encoder_checkpointing
@@ -375,6 +380,7 @@ class SamModule(pl.LightningModule):
         this rank still takes part in every collective of a step (the mask count, the synced loss log,
         the gradient all-reduce), else the other ranks would wait for it forever: its loss is zero
         with a zero gradient for every trainable parameter, so it adds nothing to the global batch."""
+        refuse_empty_batch_if_sharded(self._trainer, "training")
         if world_size() == 1:
             return None
         self.num_masks_across_ranks(0)
@@ -423,6 +429,7 @@ class SamModule(pl.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         if "masks" not in batch:  # every sample was unreadable
+            refuse_empty_batch_if_sharded(self._trainer, "validation")
             return
         out = evaluate_batch(self.net, batch, max_clicks=self._clicks_this_epoch)
         self.val_metrics.update(out["ious"], box_ious=out["box_ious"], pred_ious=out["pred_ious"])

@@ -122,7 +122,9 @@ def write_outputs(cfg: DictConfig, module, trainer: pl.Trainer, results: dict, o
     (output_dir / "metrics.json").write_text(json.dumps(results, indent=2, sort_keys=True))
     lines = [f"Run directory: {output_dir}", f"Metrics: {output_dir / 'metrics.json'}"]
     if cfg.get("export"):
-        path = export_sam_checkpoint(module.net, output_dir / "official.pth")
+        path = export_sam_checkpoint(
+            module.net, output_dir / "official.pth", image_size=cfg.get("export_image_size")
+        )
         log_wandb_artifact(trainer.loggers, path, name="sam-official", aliases=["official"])
         lines.append(f"Official-format SAM checkpoint: {path}")
     for name, label in (("gallery", "Prediction pictures"), ("curves.png", "Loss and metric curves")):

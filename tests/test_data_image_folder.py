@@ -32,7 +32,7 @@ def image_folder(root: Path, n: int) -> Path:
 
 
 def on_rank(dm: MaeDataModule, rank: int, world_size: int) -> MaeDataModule:
-    dm.trainer = SimpleNamespace(global_rank=rank, world_size=world_size, training=True)
+    dm.trainer = SimpleNamespace(global_rank=rank, world_size=world_size, training=True, strategy=None)
     return dm
 
 
@@ -83,6 +83,17 @@ def test_augmentation_is_a_function_of_the_sample_seed():
     assert not torch.equal(ds[(3, 11)], ds[(3, 12)])
     torch.manual_seed(0)
     assert not torch.equal(ds[3], ds[3])  # without a seed: the process's own stream
+    fresh = ImageFolderDataset(root=SAMPLE, image_size=32, train=True)
+    first = fresh[3]
+    fresh[(3, 11)]  # a seeded call in between must not restart the process's stream (a replay)
+    assert not torch.equal(fresh[3], first)
+
+
+def test_hyperparameters_hold_plain_paths_for_weights_only_checkpoints(tmp_path):
+    dm = MaeDataModule(root=SAMPLE, val_root=SAMPLE.parent / "val", image_size=32)
+    assert dm.hparams["root"] == str(SAMPLE) and dm.hparams["val_root"] == str(SAMPLE.parent / "val")
+    torch.save({"hparams": dict(dm.hparams)}, tmp_path / "h.ckpt")
+    assert torch.load(tmp_path / "h.ckpt", weights_only=True)["hparams"]["root"] == str(SAMPLE)
 
 
 def test_split_is_stable_when_files_are_added(tmp_path):

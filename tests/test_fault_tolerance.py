@@ -1,20 +1,26 @@
-"""Non-finite steps are skipped and counted; checkpoints never hold non-finite weights."""
+"""Fault tolerance: non-finite steps skipped and counted, checkpoints never non-finite, the resume
+workaround, empty batches under sharded strategies."""
 
 from __future__ import annotations
 
 import logging
 from types import SimpleNamespace
 
+import hydra
 import pytest
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.strategies import DDPStrategy, FSDPStrategy
 
 from samtrain.fault_tolerance import (
     NonFiniteGuard,
     gradients_are_finite,
     load_pending_loader_state,
     non_finite_tensors,
+    refuse_empty_batch_if_sharded,
 )
+from samtrain.mae_module import MaeModule
+from samtrain.models.mae import build_mae
 from samtrain.train import build_run
 
 STEPS = ("trainer.max_steps=4", "trainer.limit_train_batches=4", "trainer.limit_val_batches=0")
@@ -133,3 +139,25 @@ def test_loader_state_workaround_warns_when_lightning_internals_change(caplog):
     with caplog.at_level(logging.WARNING):
         load_pending_loader_state(trainer)
     assert "may restart the epoch" in caplog.text
+
+
+def test_an_empty_batch_under_a_sharded_strategy_is_a_clear_error():
+    """FSDP ranks gather weights from each other in every forward pass: a rank without data cannot
+    skip its step (the others would wait forever), so it stops with a message saying what to do."""
+    fsdp = SimpleNamespace(strategy=FSDPStrategy(), global_rank=1)
+    with pytest.raises(RuntimeError, match=r"rank 1 holds no readable sample.*FSDPStrategy.*check-data"):
+        refuse_empty_batch_if_sharded(fsdp, "training")
+    refuse_empty_batch_if_sharded(SimpleNamespace(strategy=DDPStrategy(), global_rank=1), "training")
+    refuse_empty_batch_if_sharded(None, "validation")
+
+
+def test_modules_refuse_empty_batches_under_fsdp(tiny_cfg):
+    sam = hydra.utils.instantiate(tiny_cfg().model)
+    mae = MaeModule(
+        net=build_mae("vit_t", image_size=32, decoder_depth=1, decoder_dim=32, decoder_num_heads=4)
+    )
+    for module in (sam, mae):
+        module._trainer = SimpleNamespace(strategy=FSDPStrategy(), global_rank=0)
+        for step in (module.training_step, module.validation_step):
+            with pytest.raises(RuntimeError, match="no readable sample"):
+                step({"num_skipped": 2}, 0)

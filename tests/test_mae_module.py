@@ -13,6 +13,7 @@ from hydra.core.global_hydra import GlobalHydra
 from PIL import Image
 from torch.utils.data import DataLoader
 
+import samtrain.mae_module as mae_module
 from samtrain.callbacks import SkippedSamplesBudget
 from samtrain.data.image_folder import MaeDataModule
 from samtrain.mae_module import MaeModule, mae_param_groups
@@ -192,7 +193,20 @@ def test_fit_skips_and_counts_an_unreadable_image(tmp_path):
     assert t.global_step == 2 and budget.skipped_train == 1
 
 
-def test_a_batch_without_readable_images_is_skipped():
+def test_a_batch_without_readable_images_is_skipped(monkeypatch):
     module = MaeModule(net=tiny_net(32))
+    logged = []
+    monkeypatch.setattr(module, "log", lambda *args, **kwargs: logged.append(args))
     assert module.training_step({"num_skipped": 4}, 0) is None
-    assert module.validation_step({"num_skipped": 4}, 0) is None
+    module.validation_step({"num_skipped": 4}, 0)
+    assert not logged and module._vis is None
+
+
+def test_an_empty_batch_under_ddp_still_reduces_zero_gradients(monkeypatch):
+    """A DDP rank without data must still join the gradient all-reduce, adding nothing to it."""
+    monkeypatch.setattr(mae_module, "world_size", lambda: 2)
+    module = MaeModule(net=tiny_net(32))
+    loss = module.training_step({"num_skipped": 4}, 0)
+    loss.backward()
+    grads = [p.grad for p in module.parameters() if p.requires_grad]
+    assert loss.item() == 0.0 and grads and all(g is not None and not g.any() for g in grads)

@@ -96,3 +96,11 @@ def test_batch_size_mismatch(predictor):
         predictor.predict_batch(
             point_coords=np.zeros((2, 1, 2)), point_labels=np.ones((2, 1)), boxes=np.array([[0, 0, 5, 5]])
         )
+
+
+def test_padding_points_may_lie_anywhere(predictor):
+    """Label -1 points are ignored by the model, so only real points are checked against the image."""
+    _, padded, _ = predictor.predict(np.array([[10, 20], [-1, -1]]), np.array([1, -1]))
+    with pytest.raises(ValueError, match="outside"):
+        predictor.predict(np.array([[10, 20], [-1, -1]]), np.array([1, 0]))
+    assert padded.shape == (3,)

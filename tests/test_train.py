@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
@@ -71,14 +72,26 @@ def test_short_run_writes_metrics_checkpoints_and_export(short_run):
     assert "official.pth" in printed and "val/mIoU@1" in printed
 
 
+def test_export_image_size_reaches_the_export(tmp_path, monkeypatch):
+    sizes = []
+
+    def export(net, path, *, image_size=None):
+        sizes.append(image_size)
+        return path
+
+    monkeypatch.setattr(train_module, "export_sam_checkpoint", export)
+    cfg = OmegaConf.create({"export": True, "export_image_size": 1024})
+    trainer = SimpleNamespace(loggers=[], checkpoint_callback=None)
+    train_module.write_outputs(cfg, SimpleNamespace(net=None), trainer, {}, tmp_path)
+    assert sizes == [1024]
+
+
 def test_resume_from_last_checkpoint(short_run, tiny_cfg):
     _, _, out, _ = short_run
     last = out / "checkpoints" / "last.ckpt"
     state = torch.load(last, map_location="cpu", weights_only=True)
     assert state["global_step"] == 2
-    assert (
-        state[VAL_RUNS_KEY] == 1
-    )  # the fit's one validation (sanity check and trainer.validate not counted)
+    assert state[VAL_RUNS_KEY] == 1  # the fit's one validation (the trainer.validate before fit not counted)
     resumed = tiny_cfg("trainer.max_epochs=2", f"ckpt_path={last}")
     train(resumed)
     state = torch.load(last, map_location="cpu", weights_only=True)

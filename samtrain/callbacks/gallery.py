@@ -16,20 +16,19 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from PIL import Image
-from pytorch_lightning.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_warn
 
 from samtrain import visualize as vis
 from samtrain.callbacks.wandb_artifacts import wandb_loggers
 from samtrain.evaluation import trace_interaction
+from samtrain.fault_tolerance import is_sharded
 
 log = logging.getLogger(__name__)
 
 MASK_CLASSES = {0: "background", 1: "object"}
 
 # Strategies that shard the model over ranks: rank zero cannot run it alone.
-_SHARDED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
 
 
 class PredictionGallery(pl.Callback):
@@ -66,7 +65,7 @@ class PredictionGallery(pl.Callback):
         num_clicks: int = 3,
         panel_size: int = 256,
         dirpath: str | Path | None = None,
-        filename: str = "epoch{epoch:03d}",
+        filename: str = "epoch{epoch:03d}-step{step:06d}",
         log_key: str = "val/gallery",
     ) -> None:
         if num_images < 1 or max_masks < 1 or num_clicks < 1:
@@ -107,7 +106,7 @@ class PredictionGallery(pl.Callback):
         self._collecting = False  # the set is fixed after the first real validation run
         if trainer.state.fn != TrainerFn.FITTING or not trainer.is_global_zero or not self.samples:
             return
-        if isinstance(trainer.strategy, _SHARDED_STRATEGIES):
+        if is_sharded(trainer):
             log.warning("PredictionGallery: skipped under %s", type(trainer.strategy).__name__)
             return
         try:

@@ -10,6 +10,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from samtrain.data.collate import collate_sam_batch
 from samtrain.data.errors import SkipBadSamples
 from samtrain.data.sampler import SeededShardSampler
+from samtrain.fault_tolerance import is_sharded
 
 
 def takes_sample_seeds(dataset: Dataset) -> bool:
@@ -47,20 +48,33 @@ class IgnoreSampleSeeds(Dataset):
 
 
 def sharded_loader(
-    dataset: Dataset, *, seed: int, train: bool, rank: int, world_size: int, **loader_args
+    dataset: Dataset,
+    *,
+    seed: int,
+    train: bool,
+    rank: int,
+    world_size: int,
+    even: bool | None = None,
+    **loader_args,
 ) -> StatefulDataLoader:
     """A ``StatefulDataLoader`` over rank ``rank``'s share of a map-style dataset.
 
-    A :class:`SeededShardSampler` orders each epoch (shuffled by ``(seed, epoch)`` and cut to a
-    multiple of ``world_size`` for training, in order and complete otherwise) and hands each sample
-    its seed; a dataset that does not take ``(index, seed)`` keys is wrapped in
+    A :class:`SeededShardSampler` orders each epoch (shuffled by ``(seed, epoch)`` for training, in
+    order otherwise) and hands each sample its seed; ``even`` (default: ``train``) cuts the epoch to
+    a multiple of ``world_size`` so every rank gets the same count (validation needs it under a
+    sharded model, whose ranks must run each forward pass in step; up to W - 1 samples are left out); a dataset that does not take ``(index, seed)`` keys is wrapped in
     :class:`IgnoreSampleSeeds`. Samples raising ``SampleError`` become None (``SkipBadSamples``): the
     ``collate_fn`` in ``loader_args`` drops and counts them.
     """
     if not takes_sample_seeds(dataset):
         dataset = IgnoreSampleSeeds(dataset)
     sampler = SeededShardSampler(
-        len(dataset), seed=seed, shuffle=train, rank=rank, world_size=world_size, even=train
+        len(dataset),
+        seed=seed,
+        shuffle=train,
+        rank=rank,
+        world_size=world_size,
+        even=train if even is None else even,
     )
     return StatefulDataLoader(SkipBadSamples(dataset), sampler=sampler, **loader_args)
 
@@ -166,6 +180,7 @@ class SamDataModule(LightningDataModule):
             train=train,
             rank=rank,
             world_size=world_size,
+            even=train or is_sharded(self.trainer),
             persistent_workers=self.persistent_workers and self.num_workers > 0,
             **loader_args,
         )

@@ -20,6 +20,7 @@ from samtrain.data.collate import collate_image_batch
 from samtrain.data.datamodule import sharded_loader
 from samtrain.data.image_io import find_images, read_rgb_image
 from samtrain.data.split import select_split
+from samtrain.fault_tolerance import is_sharded
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -90,7 +91,8 @@ class ImageFolderDataset(Dataset):
         self.transform = mae_transform(
             self.image_size, train=train, scale=tuple(scale), hflip_prob=hflip_prob
         )
-        self._seeded_pid: int | None = None
+        self._seeded_pid: int | None = None  # the process whose stream _process_rng is
+        self._process_rng: np.random.Generator | None = None
 
     def __len__(self) -> int:
         return len(self.files)
@@ -99,13 +101,14 @@ class ImageFolderDataset(Dataset):
         return str(self.files[index])
 
     def _seed_transform(self, seed: int | None) -> None:
-        """Seed albumentations with ``seed``, or once per process from torch (distinct per worker)."""
-        if seed is not None:
-            self.transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
-            self._seeded_pid = None  # a later unseeded call reseeds from torch
-        elif self._seeded_pid != os.getpid():
-            self.transform.set_random_seed(torch.initial_seed() % 2**32)
-            self._seeded_pid = os.getpid()
+        """Seed albumentations with ``seed``; without one, with the next seed of a stream seeded once
+        per process from torch (distinct per worker, and not restarted by seeded calls in between)."""
+        if seed is None:
+            if self._seeded_pid != os.getpid():
+                self._process_rng = np.random.default_rng(torch.initial_seed() % 2**63)
+                self._seeded_pid = os.getpid()
+            seed = int(self._process_rng.integers(2**63))
+        self.transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
 
     def __getitem__(self, item: int | tuple[int, int]) -> torch.Tensor:
         index, seed = item if isinstance(item, tuple) else (item, None)
@@ -166,6 +169,10 @@ class MaeDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)
+        # Checkpoints load with weights_only=True, which refuses pathlib objects.
+        for key in ("root", "val_root"):
+            if self.hparams[key] is not None:
+                self.hparams[key] = str(self.hparams[key])
         self.root = Path(root)
         self.val_root = Path(val_root) if val_root else None
         self.image_size = int(image_size)
@@ -221,6 +228,7 @@ class MaeDataModule(pl.LightningDataModule):
             train=train,
             rank=rank,
             world_size=world_size,
+            even=train or is_sharded(self.trainer),
             batch_size=batch_size,
             drop_last=train and self.drop_last and share >= batch_size,
             collate_fn=collate_image_batch,

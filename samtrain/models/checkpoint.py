@@ -162,6 +162,11 @@ def export_sam_checkpoint(model: nn.Module, path: str | Path, *, image_size: int
     path.parent.mkdir(parents=True, exist_ok=True)
     state = merge_lora_state({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
     if image_size is not None and image_size != model.image_size:
+        if getattr(model, "variant", None) is None:
+            raise ValueError(
+                f"export at image_size={image_size} needs the model's variant to know its position "
+                "tensors' shapes: build it with build_sam(variant, ...)"
+            )
         resample_position_tensors(state, _state_shapes(model.variant, image_size))
     state = samtrain_to_official(state)
     tmp = path.with_name(path.name + ".tmp")

@@ -74,8 +74,8 @@ class Sam(nn.Module):
 
     def prepare_image(self, image_embeddings: torch.Tensor) -> DecoderImage:
         """(B, C, h, w) -> what the decoder reads; give it to :meth:`decode_masks` in place of
-        the embeddings when decoding them many times with unchanged weights (the passes of a
-        training step, the clicks of an evaluation): the positional encoding is then projected once."""
+        the embeddings when decoding them many times with unchanged weights (the 11 passes of a
+        training step): the positional encoding is then projected once, not in every call."""
         return self.mask_decoder.prepare_image(image_embeddings, self.prompt_encoder.get_dense_pe())
 
     def decode_masks(

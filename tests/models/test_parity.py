@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -150,3 +152,11 @@ def test_export_at_another_size_loads_strict_into_official_built_there(models, t
     for name, value in fresh.mask_decoder.state_dict().items():
         torch.testing.assert_close(value, same[f"mask_decoder.{name}"], atol=0, rtol=0, msg=name)
     assert ours.image_encoder.pos_embed.shape[1:3] == (IMAGE_SIZE // 16, IMAGE_SIZE // 16)
+
+
+def test_export_at_another_size_needs_the_variant(models, tmp_path):
+    _, ours = models
+    anonymous = copy.copy(ours)
+    anonymous.variant = None
+    with pytest.raises(ValueError, match="needs the model's variant"):
+        export_sam_checkpoint(anonymous, tmp_path / "export.pth", image_size=2 * IMAGE_SIZE)
