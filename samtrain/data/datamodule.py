@@ -47,35 +47,35 @@ class IgnoreSampleSeeds(Dataset):
             self.dataset.load_state_dict(state)
 
 
-def sharded_loader(
-    dataset: Dataset,
-    *,
-    seed: int,
-    train: bool,
-    rank: int,
-    world_size: int,
-    even: bool | None = None,
-    **loader_args,
-) -> StatefulDataLoader:
-    """A ``StatefulDataLoader`` over rank ``rank``'s share of a map-style dataset.
+def rank_and_world(trainer) -> tuple[int, int]:
+    """(global rank, world size) of the trainer a data module is attached to; (0, 1) without one."""
+    return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+
+def worker_generator(seed: int, rank: int) -> torch.Generator:
+    """The generator that seeds a loader's worker processes: a different one on every rank."""
+    return torch.Generator().manual_seed((seed + 1_000_003 * rank) % 2**63)
+
+
+def sharded_loader(dataset: Dataset, trainer, *, seed: int, train: bool, **loader_args) -> StatefulDataLoader:
+    """A ``StatefulDataLoader`` over this rank's share of a map-style dataset.
 
     A :class:`SeededShardSampler` orders each epoch (shuffled by ``(seed, epoch)`` for training, in
-    order otherwise) and hands each sample its seed; ``even`` (default: ``train``) cuts the epoch to
-    a multiple of ``world_size`` so every rank gets the same count (validation needs it under a
-    sharded model, whose ranks must run each forward pass in step; up to W - 1 samples are left out); a dataset that does not take ``(index, seed)`` keys is wrapped in
-    :class:`IgnoreSampleSeeds`. Samples raising ``SampleError`` become None (``SkipBadSamples``): the
-    ``collate_fn`` in ``loader_args`` drops and counts them.
+    order otherwise) and hands each sample its seed. Training epochs are cut to a multiple of the
+    world size so every rank runs as many steps; validation is too under a sharded model (FSDP),
+    whose ranks must run each forward pass in step (up to W - 1 samples are then left out). A
+    dataset that does not take ``(index, seed)`` keys is wrapped in :class:`IgnoreSampleSeeds`.
+    Samples raising ``SampleError`` become None (``SkipBadSamples``): the ``collate_fn`` in
+    ``loader_args`` drops and counts them.
     """
+    rank, world_size = rank_and_world(trainer)
     if not takes_sample_seeds(dataset):
         dataset = IgnoreSampleSeeds(dataset)
+    even = train or is_sharded(trainer)
     sampler = SeededShardSampler(
-        len(dataset),
-        seed=seed,
-        shuffle=train,
-        rank=rank,
-        world_size=world_size,
-        even=train if even is None else even,
+        len(dataset), seed=seed, shuffle=train, rank=rank, world_size=world_size, even=even
     )
+    loader_args.setdefault("generator", worker_generator(seed, rank))
     return StatefulDataLoader(SkipBadSamples(dataset), sampler=sampler, **loader_args)
 
 
@@ -138,14 +138,10 @@ class SamDataModule(LightningDataModule):
     def val_batch_size(self) -> int:
         return self._val_batch_size if self._val_batch_size is not None else self.batch_size
 
-    def _rank_and_world(self) -> tuple[int, int]:
-        trainer = self.trainer
-        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-
     def setup(self, stage: str) -> None:
         if self.global_batch_size is None:
             return
-        _, world_size = self._rank_and_world()
+        _, world_size = rank_and_world(self.trainer)
         accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
         per_step = world_size * accumulate
         if self.global_batch_size % per_step:
@@ -161,26 +157,22 @@ class SamDataModule(LightningDataModule):
     def _loader(self, dataset: Dataset | None, name: str, *, train: bool) -> StatefulDataLoader:
         if dataset is None:
             raise ValueError(f"SamDataModule has no {name}_dataset; pass {name}_dataset= to use this loader")
-        rank, world_size = self._rank_and_world()
         seed = self._seed()
         loader_args = {
             "batch_size": self.batch_size if train else self.val_batch_size,
             "num_workers": self.num_workers,
             "pin_memory": self.pin_memory,
             "collate_fn": collate_sam_batch,
-            # seeds the workers' torch RNG; it differs per rank
-            "generator": torch.Generator().manual_seed((seed + 1_000_003 * rank) % 2**63),
+            "generator": worker_generator(seed, rank_and_world(self.trainer)[0]),
         }
         if isinstance(dataset, IterableDataset):
             # Fresh workers each epoch: they receive the epoch set by set_stream_epoch.
             return StatefulDataLoader(dataset, persistent_workers=False, **loader_args)
         return sharded_loader(
             dataset,
+            self.trainer,
             seed=seed,
             train=train,
-            rank=rank,
-            world_size=world_size,
-            even=train or is_sharded(self.trainer),
             persistent_workers=self.persistent_workers and self.num_workers > 0,
             **loader_args,
         )

@@ -17,10 +17,9 @@ from torch.utils.data import Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from samtrain.data.collate import collate_image_batch
-from samtrain.data.datamodule import sharded_loader
+from samtrain.data.datamodule import rank_and_world, sharded_loader
 from samtrain.data.image_io import find_images, read_rgb_image
 from samtrain.data.split import select_split
-from samtrain.fault_tolerance import is_sharded
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -212,28 +211,18 @@ class MaeDataModule(pl.LightningDataModule):
                 )
         return train, val
 
-    def _rank_and_world(self) -> tuple[int, int]:
-        trainer = self.trainer
-        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-
     def _loader(self, dataset: ImageFolderDataset, *, train: bool) -> StatefulDataLoader:
-        rank, world_size = self._rank_and_world()
         seed = int(self.seed if self.seed is not None else torch.initial_seed())
         batch_size = self.batch_size if train else self.val_batch_size
-        # each rank's share of a training epoch (the sampler cuts it even across ranks)
-        share = len(dataset) // world_size
+        share = len(dataset) // rank_and_world(self.trainer)[1]  # each rank's share of an epoch
         return sharded_loader(
             dataset,
+            self.trainer,
             seed=seed,
             train=train,
-            rank=rank,
-            world_size=world_size,
-            even=train or is_sharded(self.trainer),
             batch_size=batch_size,
             drop_last=train and self.drop_last and share >= batch_size,
             collate_fn=collate_image_batch,
-            # seeds the workers' torch RNG; it differs per rank
-            generator=torch.Generator().manual_seed((seed + 1_000_003 * rank) % 2**63),
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
