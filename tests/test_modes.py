@@ -184,6 +184,13 @@ def test_bf16_mixed_fast_dev_run(tiny_cfg):
     train(tiny_cfg("debug=fdr", "trainer.precision=bf16-mixed"))
 
 
+def test_fused_adamw_fast_dev_run(tiny_cfg):
+    """The fused optimizer switch runs with the fp32 trainer's gradient clipping and the guards."""
+    cfg = tiny_cfg("debug=fdr", "model.optimizer.fused=true")
+    assert hydra.utils.instantiate(cfg.model.optimizer).keywords["fused"] is True
+    train(cfg)
+
+
 def test_fast_dev_run_with_activation_checkpointing(tiny_cfg):
     train(tiny_cfg("debug=fdr", "model.encoder_checkpointing=true", "model.decoder_checkpointing=true"))
 
