@@ -6,7 +6,7 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
-    from samtrain.eval import evaluate
+    from samtrain.commands.eval import evaluate
 
     evaluate(cfg)
 

@@ -7,7 +7,7 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="mae")
 def main(cfg: DictConfig) -> float | None:
-    from samtrain.mae_train import pretrain
+    from samtrain.commands.pretrain_mae import pretrain
 
     metrics = pretrain(cfg)
     return metrics.get(cfg.get("optimized_metric"))

@@ -6,7 +6,7 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    from samtrain.train import train
+    from samtrain.commands.train import train
 
     metrics = train(cfg)
     return metrics.get(cfg.get("optimized_metric"))

@@ -40,8 +40,8 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
 from bench.common import synthetic_batch
+from samtrain.lightning.sam_module import SamModule
 from samtrain.models import build_sam
-from samtrain.sam_module import SamModule
 
 MODES = {
     "plain": {},

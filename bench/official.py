@@ -43,13 +43,13 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-import samtrain.sam_module as sam_module
+import samtrain.lightning.sam_module as sam_module
 from bench.common import FunctionClock, synthetic_batch
 from bench.mae import time_steps
 from bench.run import SAMPLERS
+from samtrain.lightning.sam_module import SamModule
 from samtrain.models import build_sam, export_sam_checkpoint
-from samtrain.models.prompt_encoder import POSITIVE
-from samtrain.sam_module import SamModule
+from samtrain.models.sam.prompt_encoder import POSITIVE
 
 SIDES = ("official", "samtrain")
 CATEGORIES = ("data", "encoder", "decoder loop", "sampler", "loss", "optimizer")
@@ -253,7 +253,7 @@ class OfficialModule(SamModule):
 
 class StepRunner:
     """One side's full training step (``interactive_loss``, backward, AdamW), with its breakdown
-    recorded per call. The sampler and the loss are timed where ``samtrain.sam_module`` calls them."""
+    recorded per call. The sampler and the loss are timed where ``samtrain.lightning.sam_module`` calls them."""
 
     def __init__(self, side: str, net: torch.nn.Module, batch: dict, cfg: Config) -> None:
         self.device = torch.device(cfg.device)

@@ -13,10 +13,10 @@ import platform
 
 import torch
 
-import samtrain.sam_module as sam_module
+import samtrain.lightning.sam_module as sam_module
 from bench.common import FunctionClock, synthetic_batch, timed
+from samtrain.lightning.sam_module import SamModule
 from samtrain.models import build_sam
-from samtrain.sam_module import SamModule
 
 CASES = {"vit_t": (128, 4, 4), "vit_b": (256, 2, 16)}  # variant: (image size, images, masks per image)
 SAMPLERS = ("sample_initial_prompts", "sample_error_points", "click_schedule", "step_generators")

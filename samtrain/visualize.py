@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
-from samtrain.resize import PIXEL_MEAN, PIXEL_STD
+from samtrain.frame import PIXEL_MEAN, PIXEL_STD
 
 __all__ = [
     "BACKGROUND_COLOR",

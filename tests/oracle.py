@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from samtrain.models.image_encoder import ENCODER_SPECS
+from samtrain.models.sam.image_encoder import ENCODER_SPECS
 
 segment_anything = pytest.importorskip("segment_anything")
 from segment_anything.modeling import (  # noqa: E402

@@ -13,9 +13,9 @@ import pytest
 import torch
 from pytorch_lightning.strategies import DDPStrategy
 
-from samtrain.callbacks import SkippedSamplesBudget
+from samtrain.commands.train import train
 from samtrain.data import SampleError, SkipBadSamples, collate_sam_batch
-from samtrain.train import train
+from samtrain.lightning.callbacks import SkippedSamplesBudget
 from tests.conftest import ROOT
 
 

@@ -1,4 +1,4 @@
-"""samtrain.callbacks: the traced protocols match the evaluation, a run writes its pictures, and the
+"""samtrain.lightning.callbacks: the traced protocols match the evaluation, a run writes its pictures, and the
 callback configs follow the run's settings."""
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.strategies import FSDPStrategy
 from pytorch_lightning.trainer.states import TrainerFn
 
-import samtrain.callbacks
-from samtrain.callbacks import MetricCurves, PredictionGallery, read_metrics_csv
-from samtrain.evaluation import box_iou, click_curve, trace_interaction
+import samtrain.lightning.callbacks
+from samtrain.commands.train import train
+from samtrain.interactive.protocols import box_iou, click_curve, trace_interaction
+from samtrain.lightning.callbacks import MetricCurves, PredictionGallery, read_metrics_csv
 from samtrain.models import build_sam
 from samtrain.plots import plot_curves
-from samtrain.train import train
 
 
 @pytest.fixture(scope="module")
@@ -109,10 +109,10 @@ def test_metric_curves_records_itself_without_a_csv_logger():
 
 
 def test_the_package_exports_every_public_name():
-    for name in samtrain.callbacks.__all__:
-        assert getattr(samtrain.callbacks, name) is not None
-    assert samtrain.callbacks.plot_curves is plot_curves  # moved, still importable from here
-    assert samtrain.callbacks.trace_interaction is trace_interaction
+    for name in samtrain.lightning.callbacks.__all__:
+        assert getattr(samtrain.lightning.callbacks, name) is not None
+    assert samtrain.lightning.callbacks.plot_curves is plot_curves  # moved, still importable from here
+    assert samtrain.lightning.callbacks.trace_interaction is trace_interaction
 
 
 @pytest.mark.parametrize(

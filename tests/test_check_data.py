@@ -8,7 +8,7 @@ import sys
 import pytest
 from hydra.core.global_hydra import GlobalHydra
 
-from samtrain import cli
+from samtrain.commands import cli
 from tests.conftest import ROOT
 from tests.data_builders import make_instance_folder, make_sa1b_folder, make_sa1b_tar
 
@@ -77,7 +77,7 @@ def test_console_script_exit_status(tmp_path):
     make_sa1b_folder(tmp_path, range(2))
     (tmp_path / "sa_000000" / "sa_0.jpg").write_bytes(b"\xff\xd8\xff")
     run = subprocess.run(
-        [sys.executable, "-m", "samtrain.cli", "check-data", "--format", "sa1b", "--path", str(tmp_path)],
+        [sys.executable, "-m", "samtrain.commands.cli", "check-data", "--format", "sa1b", "--path", str(tmp_path)],
         capture_output=True,
         text=True,
         cwd=ROOT,

@@ -10,7 +10,7 @@ import sys
 import pytest
 from hydra.core.global_hydra import GlobalHydra
 
-from samtrain import cli
+from samtrain.commands import cli, config
 from tests.conftest import ROOT
 
 TINY_EVAL = (
@@ -46,7 +46,7 @@ def test_help_lists_the_subcommands(capsys):
 
 def test_module_help_runs_without_importing_torch():
     help_ = subprocess.run(
-        [sys.executable, "-m", "samtrain.cli", "--help"], capture_output=True, text=True, cwd=ROOT, timeout=60
+        [sys.executable, "-m", "samtrain.commands.cli", "--help"], capture_output=True, text=True, cwd=ROOT, timeout=60
     )
     assert help_.returncode == 0, help_.stderr
     assert "eval" in help_.stdout and "train" in help_.stdout
@@ -54,7 +54,7 @@ def test_module_help_runs_without_importing_torch():
         [
             sys.executable,
             "-c",
-            "import sys, samtrain.cli; print(sorted({'torch', 'hydra'} & set(sys.modules)))",
+            "import sys, samtrain.commands.cli; print(sorted({'torch', 'hydra'} & set(sys.modules)))",
         ],
         capture_output=True,
         text=True,
@@ -73,7 +73,7 @@ def test_missing_or_unknown_subcommand_is_a_usage_error(argv, capsys):
 
 
 def test_config_dir_missing_is_reported(monkeypatch, tmp_path, capsys):
-    monkeypatch.setenv(cli.CONFIG_DIR_ENV, str(tmp_path))
+    monkeypatch.setenv(config.CONFIG_DIR_ENV, str(tmp_path))
     assert cli.main(["eval"]) == 2
     err = capsys.readouterr().err
     assert str(tmp_path) in err and "eval.yaml" in err

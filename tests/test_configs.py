@@ -7,7 +7,7 @@ import pytest
 import pytorch_lightning as pl
 
 from samtrain.data import SamDataModule
-from samtrain.sam_module import PromptRecipe, SamModule
+from samtrain.lightning.sam_module import PromptRecipe, SamModule
 from tests.conftest import CONF
 from tests.data_builders import data_overrides
 

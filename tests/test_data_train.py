@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from samtrain.train import train
+from samtrain.commands.train import train
 from tests.data_builders import data_overrides
 
 FORMATS = ["sa1b", "sa1b_tar", "instance_png", "binary_masks", "semantic_masks"]  # coco: tests/test_train.py

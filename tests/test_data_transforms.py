@@ -9,7 +9,7 @@ import torch
 
 from samtrain.data import SAM_PIXEL_MEAN, SAM_PIXEL_STD, SamResizeCrop, SamTransform, sam_resize_shape
 from samtrain.data.rle import RleMasks
-from samtrain.resize import resize_image
+from samtrain.frame import resize_image
 from tests.data_builders import coco_rle
 
 MEAN = torch.tensor(SAM_PIXEL_MEAN).view(3, 1, 1)
@@ -65,7 +65,7 @@ def test_eval_rectangle_lands_at_scaled_coordinates_and_padding_is_zero():
 
 
 def test_eval_image_is_the_predictors_preprocessing():
-    """Validation sees the pixels inference sees: samtrain.resize.resize_image (PIL bilinear, as the
+    """Validation sees the pixels inference sees: samtrain.frame.resize_image (PIL bilinear, as the
     official SamPredictor), SAM's normalisation, zero padding."""
     image = np.random.default_rng(0).integers(0, 256, size=(100, 150, 3), dtype=np.uint8)
     out = SamTransform(image_size=64)({"image": image, "masks": np.zeros((0, 100, 150), bool), "image_id": 1})

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from samtrain.callbacks import read_metrics_csv
+from samtrain.lightning.callbacks import read_metrics_csv
 from tests.conftest import ROOT, TINY
 
 pytestmark = pytest.mark.slow

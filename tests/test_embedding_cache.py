@@ -10,6 +10,7 @@ import pickle
 import pytest
 import torch
 
+from samtrain.commands.train import train
 from samtrain.data import CocoInstanceDataset, SamTransform, collate_sam_batch
 from samtrain.data.embedding_cache import (
     CachedEmbeddingDataset,
@@ -17,9 +18,8 @@ from samtrain.data.embedding_cache import (
     ensure_embedding_cache,
 )
 from samtrain.data.errors import SampleError, SkipBadSamples
+from samtrain.lightning.sam_module import PromptRecipe, SamModule
 from samtrain.models import build_sam
-from samtrain.sam_module import PromptRecipe, SamModule
-from samtrain.train import train
 from tests.conftest import ROOT
 
 SAMPLE = ROOT / "data" / "sample" / "val"

@@ -12,7 +12,7 @@ from hydra.core.global_hydra import GlobalHydra
 from matplotlib.figure import Figure
 from PIL import Image
 
-from samtrain.eval import checkpoint_list, checkpoint_names, evaluate, load_model, metric_columns
+from samtrain.commands.eval import checkpoint_list, checkpoint_names, evaluate, load_model, metric_columns
 from samtrain.models import export_sam_checkpoint
 from samtrain.plots import plot_click_curves
 from tests.conftest import TINY, compose_config

@@ -4,15 +4,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from samtrain.evaluation import (
+from samtrain.interactive.losses import binary_iou
+from samtrain.interactive.metrics import number_of_clicks
+from samtrain.interactive.protocols import (
     box_iou,
     click_curve,
     evaluate_batch,
     input_regions,
     logits_to_masks,
 )
-from samtrain.losses import binary_iou
-from samtrain.metrics import number_of_clicks
 from samtrain.models import build_sam
 
 S = 64

@@ -12,16 +12,16 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.strategies import DDPStrategy, FSDPStrategy
 
-from samtrain.fault_tolerance import (
+from samtrain.commands.train import build_run
+from samtrain.lightning.fault_tolerance import (
     NonFiniteGuard,
     gradients_are_finite,
     load_pending_loader_state,
     non_finite_tensors,
     refuse_empty_batch_if_sharded,
 )
-from samtrain.mae_module import MaeModule
+from samtrain.lightning.mae_module import MaeModule
 from samtrain.models.mae import build_mae
-from samtrain.train import build_run
 
 STEPS = ("trainer.max_steps=4", "trainer.limit_train_batches=4", "trainer.limit_val_batches=0")
 

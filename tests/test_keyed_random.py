@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from samtrain.keyed_random import KeyedRandom, hash_keys, mix_seed
+from samtrain.interactive.keyed_random import KeyedRandom, hash_keys, mix_seed
 
 
 def test_rows_depend_on_their_key_only():

@@ -3,7 +3,14 @@ import math
 import pytest
 import torch
 
-from samtrain.losses import SamLoss, dice_loss, mask_iou, resize_targets, sam_loss, sigmoid_focal_loss
+from samtrain.interactive.losses import (
+    SamLoss,
+    dice_loss,
+    mask_iou,
+    resize_targets,
+    sam_loss,
+    sigmoid_focal_loss,
+)
 
 LN2 = math.log(2.0)
 

@@ -13,11 +13,11 @@ from hydra.core.global_hydra import GlobalHydra
 from PIL import Image
 from torch.utils.data import DataLoader
 
-import samtrain.mae_module as mae_module
-from samtrain.callbacks import SkippedSamplesBudget
+import samtrain.lightning.mae_module as mae_module
+from samtrain.commands.pretrain_mae import ENCODER_FILE, pretrain
 from samtrain.data.image_folder import MaeDataModule
-from samtrain.mae_module import MaeModule, mae_param_groups
-from samtrain.mae_train import ENCODER_FILE, pretrain
+from samtrain.lightning.callbacks import SkippedSamplesBudget
+from samtrain.lightning.mae_module import MaeModule, mae_param_groups
 from samtrain.models import build_sam
 from samtrain.models.mae import build_mae, patchify
 from samtrain.models.mae_transfer import init_encoder_from_mae
@@ -127,7 +127,7 @@ def test_pretrain_fast_dev_run_writes_encoder_for_sam(tmp_path, capsys):
         cfg = compose_config(
             tmp_path, "debug=fdr", "model.net.image_size=64", "data.batch_size=4", config_name="mae"
         )
-        assert cfg.model._target_ == "samtrain.mae_module.MaeModule"
+        assert cfg.model._target_ == "samtrain.lightning.mae_module.MaeModule"
         assert cfg.callbacks.model_checkpoint.monitor == "val/loss"
         metrics = pretrain(cfg)
     finally:

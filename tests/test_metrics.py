@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from samtrain.metrics import (
+from samtrain.interactive.metrics import (
     InteractiveMetrics,
     failures,
     iou_calibration_error,

@@ -10,7 +10,7 @@ import hydra
 import pytest
 import torch
 
-from samtrain.train import train
+from samtrain.commands.train import train
 
 
 def ellipse_batch(images: int = 2, masks_per_image: int = 2, size: int = 64) -> dict:
@@ -170,7 +170,7 @@ def test_bf16_autocast_close_to_fp32(tiny_cfg):
 
 
 def test_point_encoding_stays_float32_under_bf16_autocast():
-    from samtrain.models.prompt_encoder import PositionEmbeddingRandom
+    from samtrain.models.sam.prompt_encoder import PositionEmbeddingRandom
 
     pe = PositionEmbeddingRandom(64)
     coords = torch.tensor([[[1000.0, 17.0], [3.0, 999.0]]])

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from samtrain.lightning.optim import sam_param_groups
 from samtrain.models import build_sam
-from samtrain.optim import sam_param_groups
 
 
 def ids(params) -> set[int]:

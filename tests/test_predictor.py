@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from samtrain.inference.predictor import SamPredictor
 from samtrain.models import build_sam
-from samtrain.predictor import SamPredictor
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import torch
 from scipy import ndimage
 from torchvision.ops import masks_to_boxes as tv_masks_to_boxes
 
-from samtrain.prompts import (
+from samtrain.interactive.prompts import (
     click_schedule,
     jitter_boxes,
     mask_keys,

@@ -11,9 +11,9 @@ import pytest
 import torch
 from pytorch_lightning.trainer.states import TrainerFn
 
-import samtrain.sam_module as sam_module
-from samtrain.evaluation import input_regions
-from samtrain.sam_module import PassState, output_candidates
+import samtrain.lightning.sam_module as sam_module
+from samtrain.interactive.protocols import input_regions
+from samtrain.lightning.sam_module import PassState, output_candidates
 
 EXPECTED_LOSSES = Path(__file__).parent / "data" / "expected_losses.json"
 
@@ -319,7 +319,7 @@ def test_full_resolution_loss(tiny_cfg):
 
 def test_cheap_validation_epochs_report_no_click_counts(tiny_cfg):
     """Epochs that validate the first click only must not report NoC/NoF from a 1-click curve."""
-    from samtrain.train import train
+    from samtrain.commands.train import train
 
     cfg = tiny_cfg("trainer.max_epochs=3", "model.val_full_curve_every=0", "validate_before=false")
     metrics = train(cfg)

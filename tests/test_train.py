@@ -1,4 +1,4 @@
-"""Whole runs through samtrain.train: fast_dev_run, outputs of a short run, resume."""
+"""Whole runs through samtrain.commands.train: fast_dev_run, outputs of a short run, resume."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from omegaconf import OmegaConf
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-import samtrain.train as train_module
+import samtrain.commands.train as train_module
+from samtrain.commands.train import train, wandb_finished
+from samtrain.lightning.sam_module import VAL_RUNS_KEY
 from samtrain.models import build_sam
-from samtrain.sam_module import VAL_RUNS_KEY
-from samtrain.train import train, wandb_finished
 
 
 def test_fast_dev_run_finishes_wandb(tiny_cfg, monkeypatch):

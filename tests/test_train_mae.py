@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from hydra.core.global_hydra import GlobalHydra
 
-from samtrain.mae_train import pretrain
+from samtrain.commands.pretrain_mae import pretrain
 from tests.conftest import compose_config
 
 TINY_MAE = (

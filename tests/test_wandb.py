@@ -13,7 +13,7 @@ import pytest
 from google.protobuf.message import DecodeError
 from PIL import Image
 
-from samtrain.train import train
+from samtrain.commands.train import train
 
 wandb = pytest.importorskip("wandb")
 from wandb.proto import wandb_internal_pb2  # noqa: E402

@@ -10,7 +10,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from samtrain.data.collate import collate_sam_batch
 from samtrain.data.errors import SkipBadSamples
 from samtrain.data.sampler import SeededShardSampler
-from samtrain.fault_tolerance import is_sharded
+from samtrain.lightning.fault_tolerance import is_sharded
 
 
 def takes_sample_seeds(dataset: Dataset) -> bool:

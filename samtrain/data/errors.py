@@ -32,7 +32,7 @@ class SkipBadSamples(Dataset):
 
     A sample that raises :class:`SampleError` is logged with its file and reason and returned as
     None; ``collate_sam_batch`` drops it and reports the count in the batch (``"num_skipped"``),
-    which :class:`samtrain.callbacks.SkippedSamplesBudget` adds up. Other exceptions (bugs)
+    which :class:`samtrain.lightning.callbacks.SkippedSamplesBudget` adds up. Other exceptions (bugs)
     still propagate. The wrapped dataset's ``state_dict`` (augmentation RNG) passes through, so
     stateful loaders resume exactly.
     """

@@ -134,7 +134,7 @@ class MaeDataModule(pl.LightningDataModule):
 
     Unreadable images are logged with their file and skipped (``SkipBadSamples``). The loaders yield
     ``{"image": (B, 3, S, S), "num_skipped": int}`` (``collate_image_batch``; no ``"image"`` when no
-    image of the batch could be read), which :class:`samtrain.callbacks.SkippedSamplesBudget`
+    image of the batch could be read), which :class:`samtrain.lightning.callbacks.SkippedSamplesBudget`
     counts over all ranks, as in SAM training.
 
     Args:

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import Sampler
 
-from samtrain.keyed_random import mix_seed
+from samtrain.interactive.keyed_random import mix_seed
 
 
 class SeededShardSampler(Sampler[tuple[int, int]]):

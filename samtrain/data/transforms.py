@@ -26,8 +26,8 @@ import albumentations as A
 
 from samtrain.data.rle import RleMasks
 
-# The data package's names for SAM's preprocessing, defined once in samtrain.resize.
-from samtrain.resize import (
+# The data package's names for SAM's preprocessing, defined once in samtrain.frame.
+from samtrain.frame import (
     PIXEL_MEAN as SAM_PIXEL_MEAN,
     PIXEL_STD as SAM_PIXEL_STD,
     preprocess_shape as sam_resize_shape,
@@ -49,7 +49,7 @@ class SamResizeCrop(A.DualTransform):
     Without ``scale_range`` the output size is SAM's (``int(x * scale + 0.5)``) and no crop ever
     happens. The image is resized with cv2, ``INTER_AREA`` when shrinking and ``INTER_LINEAR`` when
     enlarging (fast, for training), or with ``predictor_resize`` by the predictor's own function
-    (:func:`samtrain.resize.resize_image`, PIL bilinear like the official SAM code), so the pixels
+    (:func:`samtrain.frame.resize_image`, PIL bilinear like the official SAM code), so the pixels
     are exactly those inference sees. Masks are resized with nearest neighbour, computing only the
     cropped window. Padding is left to the caller.
     """
@@ -146,7 +146,7 @@ class SamTransform:
     "image_id": int}``. Output: the sample contract of this module.
 
     Eval: resize longest side to ``image_size`` (``int(x * scale + 0.5)``) with the predictor's
-    resize (PIL bilinear, :func:`samtrain.resize.resize_image`: validation scores the pixels
+    resize (PIL bilinear, :func:`samtrain.frame.resize_image`: validation scores the pixels
     inference sees), normalise, pad.
     Train: large-scale jitter (rescale by a factor from ``scale_range`` relative to the eval
     size, random crop back to ``image_size``; cv2 resize, faster), horizontal flip, colour jitter.

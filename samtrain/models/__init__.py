@@ -1,11 +1,8 @@
-"""The SAM model: timm image encoder, prompt encoder, two-way mask decoder."""
+"""Models and their weights (no Lightning): the SAM family, LoRA, MAE; building, loading and export."""
 
-from samtrain.models.build import SAM_VARIANTS, build_sam
-from samtrain.models.checkpoint import LoadReport, export_sam_checkpoint, load_sam_checkpoint
-from samtrain.models.mask_decoder import MaskDecoder
-from samtrain.models.prompt_encoder import PromptEncoder
-from samtrain.models.sam import Sam
-from samtrain.models.transformer import TwoWayTransformer
+from samtrain.models.build import SAM_VARIANTS, build_sam, export_sam_checkpoint
+from samtrain.models.checkpoint import LoadReport, load_sam_checkpoint
+from samtrain.models.sam import MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
 __all__ = [
     "SAM_VARIANTS",

@@ -1,17 +1,27 @@
-"""build_sam: a SAM model of any variant and image size, optionally from a checkpoint."""
+"""The SAM variants: building a model of any variant and image size (optionally from a checkpoint),
+and exporting one in the official layout."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
-from samtrain.models.image_encoder import ENCODER_SPECS, PATCH_SIZE, build_image_encoder
-from samtrain.models.lora import add_lora
+import torch
+from torch import nn
+
+from samtrain.models.checkpoint import (
+    load_sam_checkpoint,
+    resample_position_tensors,
+    samtrain_to_official,
+    write_state_dict,
+)
+from samtrain.models.lora import add_lora, merge_lora_state
 from samtrain.models.mae_transfer import init_encoder_from_mae
-from samtrain.models.mask_decoder import MaskDecoder
-from samtrain.models.prompt_encoder import PromptEncoder
-from samtrain.models.sam import Sam
-from samtrain.models.transformer import TwoWayTransformer
+from samtrain.models.sam.image_encoder import ENCODER_SPECS, PATCH_SIZE, build_image_encoder
+from samtrain.models.sam.mask_decoder import MaskDecoder
+from samtrain.models.sam.model import Sam
+from samtrain.models.sam.prompt_encoder import PromptEncoder
+from samtrain.models.sam.transformer import TwoWayTransformer
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +70,34 @@ def build_sam(
     if encoder_init is not None:
         log.info("%s", init_encoder_from_mae(model, encoder_init))
     if checkpoint is not None:
-        from samtrain.models.checkpoint import load_sam_checkpoint
-
         report = load_sam_checkpoint(model, checkpoint, strict=strict)
         log.info("%s", report)
     if lora:
         wrapped = add_lora(model.image_encoder, **lora)
         log.info("LoRA on %d encoder layers, the rest of the encoder frozen: %s", len(wrapped), wrapped)
     return model
+
+
+def export_sam_checkpoint(model: nn.Module, path: str | Path, *, image_size: int | None = None) -> Path:
+    """Write the model's weights in the official SAM layout; safetensors when the suffix says so.
+    LoRA layers are written merged into their base weights (the model itself is left as it is).
+
+    image_size: the input size the file is made for, its position embedding and relative position
+    tables resampled to it (None: the model's own). The official ``sam_model_registry`` builds at
+    1024 px, so a model trained at another size loads there strictly with ``image_size=1024``.
+    """
+    state = merge_lora_state({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
+    if image_size is not None and image_size != model.image_size:
+        if getattr(model, "variant", None) is None:
+            raise ValueError(
+                f"export at image_size={image_size} needs the model's variant to know its position "
+                "tensors' shapes: build it with build_sam(variant, ...)"
+            )
+        resample_position_tensors(state, _state_shapes(model.variant, image_size))
+    return write_state_dict(samtrain_to_official(state), path)
+
+
+def _state_shapes(variant: str, image_size: int) -> dict[str, torch.Tensor]:
+    """The state dict of an empty ``build_sam(variant, image_size)``, on the meta device (shapes only)."""
+    with torch.device("meta"):
+        return build_sam(variant, image_size=image_size).state_dict()

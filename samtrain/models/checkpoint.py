@@ -69,10 +69,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             state = state[container]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"checkpoint {path} does not hold a state dict of tensors")
-    return {_strip_prefixes(k): v for k, v in state.items()}
+    return {strip_prefixes(k): v for k, v in state.items()}
 
 
-def _strip_prefixes(key: str) -> str:
+def strip_prefixes(key: str) -> str:
+    """``key`` without the wrapper prefixes (DDP's ``module.``, ``model.``, ``net.``, torch.compile's)."""
     stripped = True
     while stripped:
         stripped = False
@@ -150,37 +151,15 @@ def load_sam_checkpoint(model: nn.Module, path: str | Path, *, strict: bool = Tr
     return report
 
 
-def export_sam_checkpoint(model: nn.Module, path: str | Path, *, image_size: int | None = None) -> Path:
-    """Write the model's weights in the official SAM layout; safetensors when the suffix says so.
-    LoRA layers are written merged into their base weights (the model itself is left as it is).
-
-    image_size: the input size the file is made for, its position embedding and relative position
-    tables resampled to it (None: the model's own). The official ``sam_model_registry`` builds at
-    1024 px, so a model trained at another size loads there strictly with ``image_size=1024``.
-    """
+def write_state_dict(state: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """Write tensors to ``path`` (safetensors when the suffix says so, else ``torch.save``) through a
+    temporary file beside it, renamed into place: a reader never sees a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = merge_lora_state({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
-    if image_size is not None and image_size != model.image_size:
-        if getattr(model, "variant", None) is None:
-            raise ValueError(
-                f"export at image_size={image_size} needs the model's variant to know its position "
-                "tensors' shapes: build it with build_sam(variant, ...)"
-            )
-        resample_position_tensors(state, _state_shapes(model.variant, image_size))
-    state = samtrain_to_official(state)
     tmp = path.with_name(path.name + ".tmp")
     if path.suffix == ".safetensors":
-        save_file(state, str(tmp))
+        save_file(state, str(tmp), metadata=metadata)
     else:
         torch.save(state, tmp)
     tmp.replace(path)
     return path
-
-
-def _state_shapes(variant: str, image_size: int) -> dict[str, torch.Tensor]:
-    """The state dict of an empty ``build_sam(variant, image_size)``, on the meta device (shapes only)."""
-    from samtrain.models.build import build_sam  # build imports this module
-
-    with torch.device("meta"):
-        return build_sam(variant, image_size=image_size).state_dict()

@@ -22,7 +22,7 @@ from timm.layers import build_sincos2d_pos_embed
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
-from samtrain.models.image_encoder import ENCODER_SPECS, PATCH_SIZE
+from samtrain.models.sam.image_encoder import ENCODER_SPECS, PATCH_SIZE
 
 
 class MaeOutput(NamedTuple):

@@ -26,7 +26,8 @@ import torch
 from timm.layers import resample_abs_pos_embed_nhwc
 from torch import nn
 
-from samtrain.models.checkpoint import _strip_prefixes, key_list_line, read_state_dict
+from samtrain.models.checkpoint import key_list_line, read_state_dict, strip_prefixes, write_state_dict
+from samtrain.models.sam.image_encoder import ENCODER_SPECS, build_image_encoder
 
 # Prefixes in front of the encoder's keys: MaeModule/MaskedAutoencoder, this module's output.
 _ENCODER_PREFIXES = ("encoder.", "image_encoder.")
@@ -62,7 +63,7 @@ def encoder_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tenso
     """The encoder's tensors in timm layout (``blocks.N...``, ``pos_embed``, ...) from any accepted
     source; returns them and the keys that belong to something else (decoder, head, ...).
     Wrapper prefixes (``module.``, ``model.``, ``net.``, ``_orig_mod.``) are stripped first."""
-    state = {_strip_prefixes(k): v for k, v in state.items()}
+    state = {strip_prefixes(k): v for k, v in state.items()}
     for prefix in _ENCODER_PREFIXES:
         if any(k.startswith(prefix + "blocks.") for k in state):
             inner = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
@@ -164,17 +165,12 @@ def init_encoder_from_mae(model: nn.Module, path: str | Path) -> TransferReport:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from safetensors.torch import save_file
-
-    from samtrain.models.build import SAM_VARIANTS
-    from samtrain.models.image_encoder import build_image_encoder
-
     parser = argparse.ArgumentParser(
         prog="python -m samtrain.models.mae_transfer", description="Convert MAE encoder weights for SAM."
     )
     parser.add_argument("mae_ckpt", type=Path, help="MAE weights (.safetensors, .pth, Lightning .ckpt, timm)")
     parser.add_argument("out", type=Path, help="output file (.safetensors or .pth)")
-    parser.add_argument("--variant", default="vit_b", choices=SAM_VARIANTS)
+    parser.add_argument("--variant", default="vit_b", choices=tuple(ENCODER_SPECS))
     parser.add_argument("--image-size", type=int, default=1024)
     args = parser.parse_args(argv)
 
@@ -182,13 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     converted, report = mae_to_sam_encoder(read_state_dict(args.mae_ckpt), encoder)
     report.source = str(args.mae_ckpt)
     state = {f"image_encoder.{k}": v.contiguous() for k, v in converted.items()}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    if args.out.suffix == ".safetensors":
-        save_file(
-            state, str(args.out), metadata={"variant": args.variant, "image_size": str(args.image_size)}
-        )
-    else:
-        torch.save(state, args.out)
+    write_state_dict(state, args.out, metadata={"variant": args.variant, "image_size": str(args.image_size)})
     print(report)
     print(f"SAM image-encoder weights ({len(state)} tensors): {args.out}")
 

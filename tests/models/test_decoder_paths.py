@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from samtrain.models import build_sam
-from samtrain.models.prompt_encoder import MaskDownscaling
+from samtrain.models.sam.prompt_encoder import MaskDownscaling
 
 
 def grads(outputs: torch.Tensor, weights: torch.Tensor, inputs: list[torch.Tensor]) -> list[torch.Tensor]:

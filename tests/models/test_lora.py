@@ -156,7 +156,7 @@ def test_lightning_checkpoint_of_a_lora_run_loads_into_a_plain_sam(trained_lora,
 
 def test_lora_run_exports_merged_weights(tiny_cfg, tmp_path):
     """A whole run (train.py's path): official.pth and last.ckpt both load into a plain Sam."""
-    from samtrain.train import train
+    from samtrain.commands.train import train
 
     train(tiny_cfg(LORA_OVERRIDE, "validate_before=false"))
     official = build_sam("vit_t", image_size=SIZE, checkpoint=tmp_path / "official.pth").eval()

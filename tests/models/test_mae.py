@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 from timm.models.vision_transformer import VisionTransformer
 
-from samtrain.mae_train import save_mae_encoder
+from samtrain.commands.pretrain_mae import save_mae_encoder
 from samtrain.models import build_sam, load_sam_checkpoint
 from samtrain.models.mae import build_mae, patchify, random_masking, unpatchify
 from samtrain.models.mae_transfer import init_encoder_from_mae, mae_to_sam_encoder, main

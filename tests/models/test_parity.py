@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from samtrain.inference.predictor import SamPredictor
 from samtrain.models import build_sam, export_sam_checkpoint
-from samtrain.predictor import SamPredictor
 from tests.oracle import build_official_sam, official_and_samtrain, segment_anything
 
 VARIANT, IMAGE_SIZE = "vit_t", 160  # grid 10 with window 8: windows need padding

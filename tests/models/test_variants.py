@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from samtrain.models import SAM_VARIANTS, build_sam
-from samtrain.models.image_encoder import ENCODER_SPECS
+from samtrain.models.sam.image_encoder import ENCODER_SPECS
 
 IMAGE_SIZE = 64
 

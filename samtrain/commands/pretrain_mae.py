@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from samtrain.train import build_run, fit, scalar_metrics, wandb_finished
+from samtrain.commands.train import build_run, fit, scalar_metrics, wandb_finished
 
 log = logging.getLogger(__name__)
 

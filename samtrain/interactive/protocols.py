@@ -26,8 +26,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from samtrain.losses import binary_iou
-from samtrain.prompts import masks_to_boxes, sample_error_points
+from samtrain.interactive.losses import binary_iou
+from samtrain.interactive.prompts import masks_to_boxes, sample_error_points
 
 __all__ = [
     "ClickTrace",
@@ -303,7 +303,7 @@ def evaluate_batch(
     Returns:
         ``"ious"`` ``(N, K)``, ``"pred_ious"`` ``(N,)`` (first click), ``"box_ious"`` ``(N,)``,
         ``"box_pred_ious"`` ``(N,)``; all float32. Feed them to
-        :class:`samtrain.metrics.InteractiveMetrics` as
+        :class:`samtrain.interactive.metrics.InteractiveMetrics` as
         ``update(ious, box_ious=box_ious, pred_ious=pred_ious)``.
     """
     embeddings = (

@@ -1,7 +1,7 @@
 """The prediction gallery: pictures of a few fixed validation objects at each validation during fit.
 
 Each object is drawn with its ground truth, the box-prompt prediction and the predictions of the
-click protocol (:func:`samtrain.evaluation.trace_interaction`), saved as a PNG grid and logged to
+click protocol (:func:`samtrain.interactive.protocols.trace_interaction`), saved as a PNG grid and logged to
 every WandbLogger as ``wandb.Image`` with ground-truth and prediction masks.
 """
 
@@ -20,9 +20,9 @@ from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_warn
 
 from samtrain import visualize as vis
-from samtrain.callbacks.wandb_artifacts import wandb_loggers
-from samtrain.evaluation import trace_interaction
-from samtrain.fault_tolerance import is_sharded
+from samtrain.interactive.protocols import trace_interaction
+from samtrain.lightning.callbacks.wandb_artifacts import wandb_loggers
+from samtrain.lightning.fault_tolerance import is_sharded
 
 log = logging.getLogger(__name__)
 

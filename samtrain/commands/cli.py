@@ -1,5 +1,5 @@
 """The ``samtrain`` command: ``samtrain train [overrides]``, ``samtrain eval [overrides]`` and
-``samtrain check-data [options] [overrides]`` (see :mod:`samtrain.data.check`).
+``samtrain check-data [options] [overrides]`` (see :mod:`samtrain.commands.check_data`).
 
 Each subcommand is the Hydra app of the matching root script (``train.py`` with ``conf/train.yaml``,
 ``eval.py`` with ``conf/eval.yaml``): everything after the subcommand goes to Hydra unchanged, so
@@ -11,13 +11,11 @@ work as they do with the scripts. The configs are read from the repository's ``c
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
-CONFIG_DIR_ENV = "SAMTRAIN_CONFIG_DIR"
+from samtrain.commands.config import config_dir
 
 COMMANDS = {
     "train": "train a SAM model (conf/train.yaml; same as `python train.py`)",
@@ -25,7 +23,6 @@ COMMANDS = {
     "(conf/eval.yaml; same as `python eval.py`)",
     "check-data": "walk a dataset: counts, sizes, mask areas and every problem (exit 1 on errors)",
 }
-HYDRA_COMMANDS = ("train", "eval")  # the subcommands that are Hydra apps of conf/<name>.yaml
 
 EXAMPLES = """\
 examples:
@@ -39,36 +36,23 @@ examples:
 """
 
 
-def config_dir() -> Path:
-    """The Hydra config folder: ``$SAMTRAIN_CONFIG_DIR``, else ``conf/`` beside the package."""
-    env = os.environ.get(CONFIG_DIR_ENV)
-    path = Path(env).expanduser() if env else Path(__file__).resolve().parents[1] / "conf"
-    missing = [name for name in HYDRA_COMMANDS if not (path / f"{name}.yaml").is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"samtrain: no Hydra configs {', '.join(f'{m}.yaml' for m in missing)} in {path}; "
-            f"run from a source checkout (pip install -e .) or set {CONFIG_DIR_ENV} to its conf/ folder"
-        )
-    return path.resolve()
-
-
 def _train(cfg: Any) -> float | None:
-    from samtrain.train import train
+    from samtrain.commands.train import train
 
     metrics = train(cfg)
     return metrics.get(cfg.get("optimized_metric"))
 
 
 def _eval(cfg: Any) -> None:
-    from samtrain.eval import evaluate
+    from samtrain.commands.eval import evaluate
 
     evaluate(cfg)
 
 
 # Hydra names the job (hydra.job.name, the <run>/<job>.log file) after the task function's module:
 # these names make `samtrain train|eval` write train.log|eval.log, as `python train.py|eval.py` do.
-_train.__module__ = "samtrain.train"
-_eval.__module__ = "samtrain.eval"
+_train.__module__ = "samtrain.commands.train"
+_eval.__module__ = "samtrain.commands.eval"
 TASKS: dict[str, Callable[[Any], Any]] = {"train": _train, "eval": _eval}
 
 
@@ -104,10 +88,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     split = next((i for i, arg in enumerate(args) if not arg.startswith("-")), len(args))
     namespace = parser.parse_args(args[: split + 1])
     command, overrides = namespace.command, args[split + 1 :]
+    # Each command imports its own dependencies (Hydra, torch) when it runs: `samtrain --help` stays quick.
     if command == "check-data":
-        from samtrain.data.check import main as check_data
+        from samtrain.commands import check_data
 
-        return check_data(overrides)
+        return check_data.main(overrides)
     try:
         conf = config_dir()
     except FileNotFoundError as err:

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from samtrain.models.mask_decoder import DecoderImage, MaskDecoder
-from samtrain.models.prompt_encoder import PromptEncoder
-from samtrain.resize import PIXEL_MEAN, PIXEL_STD
+from samtrain.frame import PIXEL_MEAN, PIXEL_STD
+from samtrain.models.sam.mask_decoder import DecoderImage, MaskDecoder
+from samtrain.models.sam.prompt_encoder import PromptEncoder
 
 
 class Sam(nn.Module):

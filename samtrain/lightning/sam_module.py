@@ -21,28 +21,28 @@ from pytorch_lightning.trainer.states import TrainerFn
 from torch.utils.checkpoint import checkpoint
 
 from samtrain.data.datamodule import set_stream_epoch
-from samtrain.evaluation import evaluate_batch, input_regions, logits_to_masks
-from samtrain.fault_tolerance import (
-    load_pending_loader_state,
-    refuse_empty_batch_if_sharded,
-    world_size,
-    zero_loss,
-)
-from samtrain.losses import SamLoss, sam_loss
-from samtrain.metrics import InteractiveMetrics
-from samtrain.models.image_encoder import set_encoder_checkpointing
-from samtrain.models.lora import has_lora
-from samtrain.models.mask_decoder import DecoderImage
-from samtrain.models.prompt_encoder import BOX_TOP_LEFT, NEGATIVE, POSITIVE
-from samtrain.models.sam import Sam
-from samtrain.optim import build_scheduler, sam_param_groups
-from samtrain.prompts import (
+from samtrain.interactive.losses import SamLoss, sam_loss
+from samtrain.interactive.metrics import InteractiveMetrics
+from samtrain.interactive.prompts import (
     click_schedule,
     mask_keys,
     sample_error_points,
     sample_initial_prompts,
     step_generators,
 )
+from samtrain.interactive.protocols import evaluate_batch, input_regions, logits_to_masks
+from samtrain.lightning.fault_tolerance import (
+    load_pending_loader_state,
+    refuse_empty_batch_if_sharded,
+    world_size,
+    zero_loss,
+)
+from samtrain.lightning.optim import build_scheduler, sam_param_groups
+from samtrain.models.lora import has_lora
+from samtrain.models.sam.image_encoder import set_encoder_checkpointing
+from samtrain.models.sam.mask_decoder import DecoderImage
+from samtrain.models.sam.model import Sam
+from samtrain.models.sam.prompt_encoder import BOX_TOP_LEFT, NEGATIVE, POSITIVE
 
 SAM_PARTS = ("image_encoder", "prompt_encoder", "mask_decoder")
 VAL_RUNS_KEY = "samtrain_val_runs"  # checkpoint entry: the validation runs of the fit so far
@@ -141,11 +141,11 @@ class SamModule(pl.LightningModule):
     Args:
         net: the SAM model (``samtrain.models.build_sam``).
         optimizer: a partial optimizer taking the parameter groups (e.g. AdamW).
-        scheduler: keyword arguments of ``samtrain.optim.build_scheduler`` or None.
+        scheduler: keyword arguments of ``samtrain.lightning.optim.build_scheduler`` or None.
         prompts: the prompt simulation recipe.
         loss: loss weights.
         freeze: parts of the model that do not train ("image_encoder", ...).
-        lr, weight_decay, layer_decay: see ``samtrain.optim.sam_param_groups``.
+        lr, weight_decay, layer_decay: see ``samtrain.lightning.optim.sam_param_groups``.
         seed: seeds the per-step prompt draws (with the global step and each mask's identity).
         val_max_clicks: clicks of the validation click curve (1 for the cheap metrics only).
         val_full_curve_every: in a fit, run the full click curve at every n-th validation run (the

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from samtrain.models.sam import Sam
-from samtrain.resize import resize_image, scale_boxes, scale_coords
+from samtrain.frame import resize_image, scale_boxes, scale_coords
+from samtrain.models.sam.model import Sam
 
 
 class SamPredictor:

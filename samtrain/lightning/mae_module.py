@@ -17,14 +17,14 @@ import pytorch_lightning as pl
 import torch
 
 from samtrain.data.image_folder import IMAGENET_MEAN, IMAGENET_STD
-from samtrain.fault_tolerance import (
+from samtrain.lightning.fault_tolerance import (
     load_pending_loader_state,
     refuse_empty_batch_if_sharded,
     world_size,
     zero_loss,
 )
+from samtrain.lightning.optim import build_scheduler, decay_groups
 from samtrain.models.mae import MaskedAutoencoder
-from samtrain.optim import build_scheduler, decay_groups
 
 log = logging.getLogger(__name__)
 

@@ -191,7 +191,7 @@ def load_pending_loader_state(trainer: pl.Trainer) -> None:
         # The Lightning internals this relies on (read in 2.6) have changed.
         log.warning(
             "this Lightning version's fit loop has no pending loader state to restore: a mid-epoch "
-            "resume may restart the epoch (samtrain.fault_tolerance.load_pending_loader_state)"
+            "resume may restart the epoch (samtrain.lightning.fault_tolerance.load_pending_loader_state)"
         )
         return
     if fit_loop.restarting and fit_loop._combined_loader_states_to_load:

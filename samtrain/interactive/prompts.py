@@ -8,7 +8,7 @@ Conventions used throughout:
   ``2`` box top-left corner, ``3`` box bottom-right corner. A box is therefore two points, which lets
   one tensor hold point-first and box-first prompts side by side.
 - Randomness only comes from an explicit source on the masks' device: a ``torch.Generator``, or a
-  :class:`~samtrain.keyed_random.KeyedRandom` whose numbers follow each mask's identity (training:
+  :class:`~samtrain.interactive.keyed_random.KeyedRandom` whose numbers follow each mask's identity (training:
   the same mask draws the same numbers on any rank and in any batch).
 - The training-time samplers run on the masks' device without host synchronisation and without a
   Python loop over masks.
@@ -19,10 +19,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from samtrain.keyed_random import KeyedRandom, hash_keys, mix_seed
+from samtrain.interactive.keyed_random import KeyedRandom, hash_keys, mix_seed
 
 # The label convention is the prompt encoder's.
-from samtrain.models.prompt_encoder import (
+from samtrain.models.sam.prompt_encoder import (
     BOX_BOTTOM_RIGHT as LABEL_BOX_BOTTOM_RIGHT,
     BOX_TOP_LEFT as LABEL_BOX_TOP_LEFT,
     NEGATIVE as LABEL_NEGATIVE,

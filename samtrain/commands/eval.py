@@ -2,10 +2,10 @@
 
 Each checkpoint (official ``sam_vit_*.pth``, a samtrain export, a Lightning ``.ckpt``, or ``None``
 for an untrained model) is loaded into ``build_sam(cfg.variant, cfg.image_size)`` and run through
-:func:`samtrain.evaluation.evaluate_batch` (the RITM click protocol and the box protocol) on every
+:func:`samtrain.interactive.protocols.evaluate_batch` (the RITM click protocol and the box protocol) on every
 batch of the datamodule's val loader. Written to ``cfg.paths.output_dir``:
 
-- ``results.json``: per checkpoint the metrics of :class:`samtrain.metrics.InteractiveMetrics` and
+- ``results.json``: per checkpoint the metrics of :class:`samtrain.interactive.metrics.InteractiveMetrics` and
   the full mIoU curve (mean IoU over objects after clicks 1..max_clicks);
 - ``results.md``: a Markdown table, one row per checkpoint;
 - ``miou_vs_clicks.png``: the curves, one line per checkpoint.
@@ -25,8 +25,8 @@ import hydra
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from samtrain.evaluation import evaluate_batch
-from samtrain.metrics import InteractiveMetrics, threshold_name
+from samtrain.interactive.metrics import InteractiveMetrics, threshold_name
+from samtrain.interactive.protocols import evaluate_batch
 from samtrain.models import build_sam
 from samtrain.plots import plot_click_curves
 

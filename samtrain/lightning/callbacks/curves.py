@@ -12,7 +12,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 from pytorch_lightning.loggers import CSVLogger
 
-from samtrain.callbacks.wandb_artifacts import wandb_loggers
+from samtrain.lightning.callbacks.wandb_artifacts import wandb_loggers
 from samtrain.plots import plot_curves
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import WandbLogger
 
-from samtrain.callbacks import log_wandb_artifact
+from samtrain.lightning.callbacks import log_wandb_artifact
 from samtrain.models import export_sam_checkpoint
 
 log = logging.getLogger(__name__)

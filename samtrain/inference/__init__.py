@@ -1,0 +1,5 @@
+"""Using a trained model: the predictor."""
+
+from samtrain.inference.predictor import SamPredictor
+
+__all__ = ["SamPredictor"]
