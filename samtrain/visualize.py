@@ -28,7 +28,7 @@ __all__ = [
     "overlay_mask",
     "overlay_masks",
     "pad_to",
-    "resize_image",
+    "rescale_image",
     "resize_mask",
     "unnormalize_image",
 ]
@@ -71,7 +71,7 @@ def unnormalize_image(
     return np.ascontiguousarray(np.clip(np.rint(rgb), 0, 255).astype(np.uint8).transpose(1, 2, 0))
 
 
-def resize_image(image: np.ndarray, scale: float) -> np.ndarray:
+def rescale_image(image: np.ndarray, scale: float) -> np.ndarray:
     """``(H, W, 3) uint8`` -> ``(round(H*scale), round(W*scale), 3) uint8`` (bilinear, area when shrinking)."""
     if scale == 1:
         return image.copy()

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from samtrain.data import SAM_PIXEL_MEAN, SAM_PIXEL_STD, SamResizeCrop, SamTransform, sam_resize_shape
+from samtrain.data import SamResizeCrop, SamTransform
 from samtrain.data.rle import RleMasks
-from samtrain.frame import resize_image
+from samtrain.frame import PIXEL_MEAN, PIXEL_STD, resize_longest_side, resized_shape
 from tests.data_builders import coco_rle
 
-MEAN = torch.tensor(SAM_PIXEL_MEAN).view(3, 1, 1)
-STD = torch.tensor(SAM_PIXEL_STD).view(3, 1, 1)
+MEAN = torch.tensor(PIXEL_MEAN).view(3, 1, 1)
+STD = torch.tensor(PIXEL_STD).view(3, 1, 1)
 
 
 def normalised(rgb) -> torch.Tensor:
@@ -40,10 +40,10 @@ def sample_with_boxes(
     return {"image": image, "masks": masks, "image_id": 7}
 
 
-def test_sam_resize_shape_rounds_half_up():
-    assert sam_resize_shape(100, 160, 64) == (40, 64)
-    assert sam_resize_shape(85, 128, 64) == (43, 64)  # 42.5 -> 43 (round() would give 42)
-    assert sam_resize_shape(1, 1000, 64) == (1, 64)  # never 0
+def test_resized_shape_rounds_half_up():
+    assert resized_shape(100, 160, 64) == (40, 64)
+    assert resized_shape(85, 128, 64) == (43, 64)  # 42.5 -> 43 (round() would give 42)
+    assert resized_shape(1, 1000, 64) == (1, 64)  # never 0
 
 
 def test_eval_rectangle_lands_at_scaled_coordinates_and_padding_is_zero():
@@ -65,11 +65,11 @@ def test_eval_rectangle_lands_at_scaled_coordinates_and_padding_is_zero():
 
 
 def test_eval_image_is_the_predictors_preprocessing():
-    """Validation sees the pixels inference sees: samtrain.frame.resize_image (PIL bilinear, as the
+    """Validation sees the pixels inference sees: samtrain.frame.resize_longest_side (PIL bilinear, as the
     official SamPredictor), SAM's normalisation, zero padding."""
     image = np.random.default_rng(0).integers(0, 256, size=(100, 150, 3), dtype=np.uint8)
     out = SamTransform(image_size=64)({"image": image, "masks": np.zeros((0, 100, 150), bool), "image_id": 1})
-    resized = torch.from_numpy(np.array(resize_image(image, 64))).permute(2, 0, 1).float()
+    resized = torch.from_numpy(np.array(resize_longest_side(image, 64))).permute(2, 0, 1).float()
     h, w = out["input_size"].tolist()
     assert (h, w) == tuple(resized.shape[1:]) == (43, 64)
     torch.testing.assert_close(out["image"][:, :h, :w], (resized - MEAN) / STD, atol=1e-4, rtol=0)

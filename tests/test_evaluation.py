@@ -4,14 +4,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from samtrain.frame import masks_in_frame, valid_regions
 from samtrain.interactive.losses import binary_iou
 from samtrain.interactive.metrics import number_of_clicks
 from samtrain.interactive.protocols import (
     box_iou,
     click_curve,
     evaluate_batch,
-    input_regions,
-    logits_to_masks,
 )
 from samtrain.models import build_sam
 
@@ -79,12 +78,12 @@ def band_masks() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 EMBEDDINGS = torch.zeros(2, 256, S // 16, S // 16)
 
 
-def test_input_regions_and_logits_to_masks():
-    regions = input_regions(torch.tensor([[40, 64], [64, 48]]), S)
+def test_valid_regions_and_masks_in_frame():
+    regions = valid_regions(torch.tensor([[40, 64], [64, 48]]), S)
     assert regions.shape == (2, S, S)
     assert regions.sum(dim=(1, 2)).tolist() == [40 * 64, 64 * 48]
     assert regions[0, 39, 63] and not regions[0, 40, 0] and not regions[1, 0, 48]
-    masks = logits_to_masks(torch.ones(2, 1, S // 4, S // 4), regions)
+    masks = masks_in_frame(torch.ones(2, 1, S // 4, S // 4), regions)
     assert torch.equal(masks, regions)
 
 
@@ -138,7 +137,7 @@ def test_output_choice_and_mask_feedback():
     torch.testing.assert_close(coords[:, 2], coords[:, 0])  # same error as before click 1: same centre
     x, y = coords[:, 1].long().unbind(1)
     assert not masks[torch.arange(3), y, x].any()  # in the background ...
-    assert input_regions(input_sizes, S)[image_indices, y, x].all()  # ... of the image, not the padding
+    assert valid_regions(input_sizes, S)[image_indices, y, x].all()  # ... of the image, not the padding
 
 
 def reference_centre(mask: np.ndarray) -> tuple[float, float]:

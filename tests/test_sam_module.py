@@ -12,7 +12,7 @@ import torch
 from pytorch_lightning.trainer.states import TrainerFn
 
 import samtrain.lightning.sam_module as sam_module
-from samtrain.interactive.protocols import input_regions
+from samtrain.frame import valid_regions
 from samtrain.lightning.sam_module import PassState, output_candidates
 
 EXPECTED_LOSSES = Path(__file__).parent / "data" / "expected_losses.json"
@@ -100,7 +100,7 @@ def test_training_clicks_on_a_perfect_prediction_stay_inside_the_image(tiny_cfg,
     monkeypatch.setattr(sam_module, "sample_error_points", recording_sampler)
     with torch.no_grad():
         module.interactive_loss(batch)
-    inside = input_regions(batch["input_size"], 64)[batch["mask_image_index"]]
+    inside = valid_regions(batch["input_size"], 64)[batch["mask_image_index"]]
     assert len(clicks) == module.prompts.num_click_passes
     for points, labels in clicks:
         x, y = points[:, 0].long().unbind(-1)

@@ -87,7 +87,7 @@ def test_box_is_drawn_on_its_edges():
 
 
 def test_resize_and_pad():
-    assert vis.resize_image(blank(40, 50), 2.0).shape == (80, 100, 3)
+    assert vis.rescale_image(blank(40, 50), 2.0).shape == (80, 100, 3)
     mask = vis.resize_mask(square_mask(), 2.0)
     assert mask.shape == (80, 100) and mask.dtype == bool and mask.sum() == 4 * square_mask().sum()
     padded = vis.pad_to(blank(40, 50), 64, 64, vis.BACKGROUND_COLOR)

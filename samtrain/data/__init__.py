@@ -24,16 +24,11 @@ _EXPORTS = {
     "SkipBadSamples": "samtrain.data.errors",
     "SamTransform": "samtrain.data.transforms",
     "SamResizeCrop": "samtrain.data.transforms",
-    "sam_resize_shape": "samtrain.data.transforms",
-    "SAM_PIXEL_MEAN": "samtrain.data.transforms",
-    "SAM_PIXEL_STD": "samtrain.data.transforms",
     "collate_sam_batch": "samtrain.data.collate",
     "SamDataModule": "samtrain.data.datamodule",
 }
 
 __all__ = [
-    "SAM_PIXEL_MEAN",
-    "SAM_PIXEL_STD",
     "BinaryMaskFolder",
     "CocoInstanceDataset",
     "InstanceMaskFolder",
@@ -50,7 +45,6 @@ __all__ = [
     "collate_sam_batch",
     "decode_segmentations",
     "read_rgb_image",
-    "sam_resize_shape",
 ]
 
 if TYPE_CHECKING:
@@ -63,13 +57,7 @@ if TYPE_CHECKING:
     from samtrain.data.mask_folder import BinaryMaskFolder, InstanceMaskFolder, SemanticMaskFolder
     from samtrain.data.rle import RleMasks
     from samtrain.data.sa1b import Sa1bDataset, Sa1bTarStream
-    from samtrain.data.transforms import (
-        SAM_PIXEL_MEAN,
-        SAM_PIXEL_STD,
-        SamResizeCrop,
-        SamTransform,
-        sam_resize_shape,
-    )
+    from samtrain.data.transforms import SamResizeCrop, SamTransform
 
 
 def __getattr__(name: str) -> Any:

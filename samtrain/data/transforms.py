@@ -25,14 +25,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import albumentations as A
 
 from samtrain.data.rle import RleMasks
-
-# The data package's names for SAM's preprocessing, defined once in samtrain.frame.
-from samtrain.frame import (
-    PIXEL_MEAN as SAM_PIXEL_MEAN,
-    PIXEL_STD as SAM_PIXEL_STD,
-    preprocess_shape as sam_resize_shape,
-    resize_image,
-)
+from samtrain.frame import PIXEL_MEAN, PIXEL_STD, resize_longest_side, resized_shape
 
 
 def nearest_indices(src: int, dst: int, start: int, length: int) -> np.ndarray:
@@ -49,7 +42,7 @@ class SamResizeCrop(A.DualTransform):
     Without ``scale_range`` the output size is SAM's (``int(x * scale + 0.5)``) and no crop ever
     happens. The image is resized with cv2, ``INTER_AREA`` when shrinking and ``INTER_LINEAR`` when
     enlarging (fast, for training), or with ``predictor_resize`` by the predictor's own function
-    (:func:`samtrain.frame.resize_image`, PIL bilinear like the official SAM code), so the pixels
+    (:func:`samtrain.frame.resize_longest_side`, PIL bilinear like the official SAM code), so the pixels
     are exactly those inference sees. Masks are resized with nearest neighbour, computing only the
     cropped window. Padding is left to the caller.
     """
@@ -76,7 +69,7 @@ class SamResizeCrop(A.DualTransform):
     def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
         height, width = params["shape"][:2]
         factor = 1.0 if self.scale_range is None else self.random_generator.uniform(*self.scale_range)
-        new_h, new_w = sam_resize_shape(height, width, self.image_size * factor)
+        new_h, new_w = resized_shape(height, width, self.image_size * factor)
         crop_h, crop_w = min(new_h, self.image_size), min(new_w, self.image_size)
         y0 = int(self.random_generator.integers(0, new_h - crop_h + 1))
         x0 = int(self.random_generator.integers(0, new_w - crop_w + 1))
@@ -93,7 +86,7 @@ class SamResizeCrop(A.DualTransform):
     def _resize(self, img: np.ndarray, new_h: int, new_w: int) -> np.ndarray:
         """uint8 (H, W, C) -> (new_h, new_w, C)."""
         if self.predictor_resize:  # (new_h, new_w) is SAM's shape for image_size: the predictor's resize
-            return resize_image(img, self.image_size)
+            return resize_longest_side(img, self.image_size)
         shrink = new_h * new_w < img.shape[0] * img.shape[1]
         return cv2.resize(img, (new_w, new_h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
 
@@ -146,7 +139,7 @@ class SamTransform:
     "image_id": int}``. Output: the sample contract of this module.
 
     Eval: resize longest side to ``image_size`` (``int(x * scale + 0.5)``) with the predictor's
-    resize (PIL bilinear, :func:`samtrain.frame.resize_image`: validation scores the pixels
+    resize (PIL bilinear, :func:`samtrain.frame.resize_longest_side`: validation scores the pixels
     inference sees), normalise, pad.
     Train: large-scale jitter (rescale by a factor from ``scale_range`` relative to the eval
     size, random crop back to ``image_size``; cv2 resize, faster), horizontal flip, colour jitter.
@@ -232,7 +225,7 @@ class SamTransform:
                 steps.append(
                     A.ColorJitter(brightness=c, contrast=c, saturation=c, hue=min(c / 4, 0.5), p=1.0)
                 )
-        steps.append(A.Normalize(mean=SAM_PIXEL_MEAN, std=SAM_PIXEL_STD, max_pixel_value=1.0))
+        steps.append(A.Normalize(mean=PIXEL_MEAN, std=PIXEL_STD, max_pixel_value=1.0))
         return steps
 
     # -- randomness ---------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from samtrain.frame import resize_image, scale_boxes, scale_coords
+from samtrain.frame import resize_longest_side, scale_boxes, scale_coords
 from samtrain.models.sam.model import Sam
 
 
@@ -47,7 +47,7 @@ class SamPredictor:
             raise ValueError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
         if image_format != self.model.image_format:
             image = image[..., ::-1]
-        resized = np.array(resize_image(np.ascontiguousarray(image), self.model.image_size))
+        resized = np.array(resize_longest_side(np.ascontiguousarray(image), self.model.image_size))
         tensor = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).unsqueeze(0)
         self.set_torch_image(tensor, image.shape[:2])
 

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
+from samtrain.frame import masks_in_frame, valid_regions
 from samtrain.interactive.losses import binary_iou
 from samtrain.interactive.prompts import masks_to_boxes, sample_error_points
 
@@ -35,45 +35,11 @@ __all__ = [
     "box_prediction",
     "click_curve",
     "evaluate_batch",
-    "input_regions",
-    "logits_to_masks",
     "trace_clicks",
     "trace_interaction",
 ]
 
 SINGLE_MASK_OUTPUT = 0
-
-
-def input_regions(input_sizes: torch.Tensor, image_size: int) -> torch.Tensor:
-    """The unpadded part of each image.
-
-    Args:
-        input_sizes: ``(B, 2) int`` ``(h, w)`` of the resized image before padding.
-        image_size: S.
-
-    Returns:
-        ``(B, S, S) bool``, True on rows ``< h`` and columns ``< w``.
-    """
-    steps = torch.arange(image_size, device=input_sizes.device)
-    rows = steps < input_sizes[:, 0:1]  # (B, S)
-    cols = steps < input_sizes[:, 1:2]  # (B, S)
-    return rows[:, :, None] & cols[:, None, :]
-
-
-def logits_to_masks(low_res_logits: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
-    """Low-res logits -> binary masks in the S x S model input frame.
-
-    Args:
-        low_res_logits: ``(N, 1, S/4, S/4) float``.
-        regions: ``(N, S, S) bool`` the unpadded region of each mask's image.
-
-    Returns:
-        ``(N, S, S) bool``: bilinear upsampling (``align_corners=False``) > 0, False outside ``regions``.
-    """
-    logits = F.interpolate(
-        low_res_logits.float(), size=tuple(regions.shape[-2:]), mode="bilinear", align_corners=False
-    )
-    return (logits[:, 0] > 0) & regions
 
 
 def _pick_output(
@@ -101,7 +67,7 @@ def _prepare(
             f"image_indices must have shape (N,) = {tuple(gt_masks.shape[:1])}, got {tuple(image_indices.shape)}"
         )
     device = gt_masks.device
-    regions = input_regions(input_sizes.to(device), size)[image_indices.to(device)]
+    regions = valid_regions(input_sizes.to(device), size)[image_indices.to(device)]
     return regions, gt_masks.bool() & regions
 
 
@@ -167,7 +133,7 @@ def trace_clicks(
             mask_inputs, first_pred_iou = _pick_output(logits, iou_pred, _best_multimask_output(iou_pred))
         else:
             mask_inputs = logits[:, SINGLE_MASK_OUTPUT : SINGLE_MASK_OUTPUT + 1]
-        pred = logits_to_masks(mask_inputs, regions)
+        pred = masks_in_frame(mask_inputs, regions)
         ious.append(binary_iou(pred, gt))
         if keep_masks:
             masks.append(pred)
@@ -222,7 +188,7 @@ def box_prediction(
     regions, gt = _prepare(model, gt_masks, image_indices, input_sizes)
     boxes = masks_to_boxes(gt).float()
     logits, iou_pred = model.decode_masks(image_embeddings, boxes=boxes, image_indices=image_indices)
-    pred = logits_to_masks(logits[:, SINGLE_MASK_OUTPUT : SINGLE_MASK_OUTPUT + 1], regions)
+    pred = masks_in_frame(logits[:, SINGLE_MASK_OUTPUT : SINGLE_MASK_OUTPUT + 1], regions)
     return boxes, pred, binary_iou(pred, gt), iou_pred[:, SINGLE_MASK_OUTPUT].float()
 
 

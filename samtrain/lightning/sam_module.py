@@ -21,6 +21,7 @@ from pytorch_lightning.trainer.states import TrainerFn
 from torch.utils.checkpoint import checkpoint
 
 from samtrain.data.datamodule import set_stream_epoch
+from samtrain.frame import masks_in_frame, valid_regions
 from samtrain.interactive.losses import SamLoss, sam_loss
 from samtrain.interactive.metrics import InteractiveMetrics
 from samtrain.interactive.prompts import (
@@ -30,7 +31,7 @@ from samtrain.interactive.prompts import (
     sample_initial_prompts,
     step_generators,
 )
-from samtrain.interactive.protocols import evaluate_batch, input_regions, logits_to_masks
+from samtrain.interactive.protocols import evaluate_batch
 from samtrain.lightning.fault_tolerance import (
     load_pending_loader_state,
     refuse_empty_batch_if_sharded,
@@ -273,7 +274,7 @@ class SamModule(pl.LightningModule):
         its detached logits (N, 1, S/4, S/4) and its binary mask (N, S, S) inside the image."""
         best = iou_pred.detach().masked_fill(~candidates, float("-inf")).argmax(1)
         chosen = logits.detach()[torch.arange(len(best), device=best.device), best].unsqueeze(1)
-        return chosen, logits_to_masks(chosen, valid)
+        return chosen, masks_in_frame(chosen, valid)
 
     def interactive_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The whole simulated interaction of one batch -> (loss, logs)."""
@@ -281,7 +282,7 @@ class SamModule(pl.LightningModule):
         image_indices = batch["mask_image_index"]
         structural, per_mask = step_generators(self.seed, self.global_step, self.batch_mask_keys(batch))
         num_masks = self.num_masks_across_ranks(gt.shape[0])
-        valid = input_regions(batch["input_size"], self.net.image_size)[image_indices]
+        valid = valid_regions(batch["input_size"], self.net.image_size)[image_indices]
         image = self.decoder_image(self.image_embeddings(batch))
 
         recipe = self.prompts

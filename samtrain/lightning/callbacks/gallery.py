@@ -181,7 +181,7 @@ class PredictionGallery(pl.Callback):
             sample = self.samples[b]
             h, w = (int(v) for v in sample["input_size"])
             scale = self.panel_size / max(h, w)
-            base = vis.resize_image(vis.unnormalize_image(sample["image"].numpy(), (h, w)), scale)
+            base = vis.rescale_image(vis.unnormalize_image(sample["image"].numpy(), (h, w)), scale)
 
             def crop(mask: torch.Tensor, h=h, w=w, scale=scale) -> np.ndarray:
                 return vis.resize_mask(mask[:h, :w].numpy(), scale)

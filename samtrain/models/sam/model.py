@@ -5,10 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from samtrain.frame import PIXEL_MEAN, PIXEL_STD
+from samtrain.frame import PIXEL_MEAN, PIXEL_STD, logits_at_original_size, pad_to_square
 from samtrain.models.sam.mask_decoder import DecoderImage, MaskDecoder
 from samtrain.models.sam.prompt_encoder import PromptEncoder
 
@@ -60,17 +59,13 @@ class Sam(nn.Module):
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         """Resized 0-255 RGB (B, 3, h, w) -> normalised and zero-padded (B, 3, S, S)."""
-        x = (x - self.pixel_mean) / self.pixel_std
-        h, w = x.shape[-2:]
-        return F.pad(x, (0, self.image_size - w, 0, self.image_size - h))
+        return pad_to_square((x - self.pixel_mean) / self.pixel_std, self.image_size)
 
     def postprocess_masks(
         self, masks: torch.Tensor, input_size: tuple[int, int], original_size: tuple[int, int]
     ) -> torch.Tensor:
         """Low-res logits (B, M, S/4, S/4) -> logits at the original image size (B, M, H, W)."""
-        masks = F.interpolate(masks, (self.image_size, self.image_size), mode="bilinear", align_corners=False)
-        masks = masks[..., : input_size[0], : input_size[1]]
-        return F.interpolate(masks, tuple(original_size), mode="bilinear", align_corners=False)
+        return logits_at_original_size(masks, self.image_size, input_size, original_size)
 
     def prepare_image(self, image_embeddings: torch.Tensor) -> DecoderImage:
         """(B, C, h, w) -> what the decoder reads; give it to :meth:`decode_masks` in place of
