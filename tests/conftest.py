@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -11,6 +12,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
+
+from samtrain import distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -59,3 +62,12 @@ def tiny_cfg(tmp_path):
 
     yield make
     GlobalHydra.instance().clear()
+
+
+@contextlib.contextmanager
+def as_rank(rank: int, world_size: int):
+    """Makes ``samtrain.distributed`` report this rank and world size (no process group needed)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(distributed, "rank", lambda: rank)
+        patch.setattr(distributed, "world_size", lambda: world_size)
+        yield

@@ -15,6 +15,7 @@ from samtrain.data.errors import SampleError
 from samtrain.data.image_folder import ImageFolderDataset, MaeDataModule
 from samtrain.data.image_io import find_images
 from samtrain.data.sampler import SeededShardSampler
+from tests.conftest import as_rank
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample" / "train"
 
@@ -31,17 +32,16 @@ def image_folder(root: Path, n: int) -> Path:
     return root
 
 
-def on_rank(dm: MaeDataModule, rank: int, world_size: int) -> MaeDataModule:
-    dm.trainer = SimpleNamespace(global_rank=rank, world_size=world_size, training=True, strategy=None)
-    return dm
+def loader_on_rank(dm: MaeDataModule, rank: int, world_size: int, *, train: bool):
+    dm.trainer = SimpleNamespace(training=True, strategy=None)
+    with as_rank(rank, world_size):
+        return dm._loader(dm.train_dataset if train else dm.val_dataset, train=train)
 
 
 def rank_indices(dm: MaeDataModule, world_size: int, *, train: bool, epoch: int = 0) -> list[list[int]]:
     shares = []
     for rank in range(world_size):
-        loader = on_rank(dm, rank, world_size)._loader(
-            dm.train_dataset if train else dm.val_dataset, train=train
-        )
+        loader = loader_on_rank(dm, rank, world_size, train=train)
         assert isinstance(loader.sampler, SeededShardSampler)
         loader.sampler.set_epoch(epoch)
         shares.append([index for index, _ in loader.sampler])
@@ -73,8 +73,8 @@ def test_ranks_get_disjoint_shares_that_cover_the_dataset_and_reshuffle(tmp_path
     val = rank_indices(dm, 2, train=False)
     assert not set(val[0]) & set(val[1]) and sorted(val[0] + val[1]) == list(range(7))  # every image once
     assert rank_indices(dm, 2, train=False, epoch=3) == val
-    single = on_rank(dm, 0, 1).train_dataloader()
-    assert len(single) == 5 and len(on_rank(dm, 1, 2).train_dataloader()) == 2  # batches per rank
+    single = loader_on_rank(dm, 0, 1, train=True)
+    assert len(single) == 5 and len(loader_on_rank(dm, 1, 2, train=True)) == 2  # batches per rank
 
 
 def test_augmentation_is_a_function_of_the_sample_seed():

@@ -12,6 +12,7 @@ from pytorch_lightning.strategies import DDPStrategy, FSDPStrategy
 from torch.utils.data import Dataset
 
 from samtrain.data import CocoInstanceDataset, SamDataModule, SamTransform, collate_sam_batch
+from tests.conftest import as_rank
 
 SAMPLE_DIR = Path(__file__).resolve().parents[1] / "data" / "sample"
 
@@ -182,7 +183,8 @@ def test_train_mask_subset_still_varies_with_the_sample_seed():
 def test_validation_shares_are_even_under_a_sharded_model(strategy, even):
     """An FSDP rank must run each forward pass with the others: every rank gets as many val samples."""
     dm = SamDataModule(val_dataset=sample_dataset("val", train=False), batch_size=1, seed=0)
-    dm.trainer = SimpleNamespace(strategy=strategy(), global_rank=1, world_size=3)
-    sampler = dm.val_dataloader().sampler
+    dm.trainer = SimpleNamespace(strategy=strategy())
+    with as_rank(1, 3):
+        sampler = dm.val_dataloader().sampler
     assert sampler.even is even and sampler.world_size == 3
     assert len(sampler) == (len(dm.val_dataset) // 3 if even else len(range(1, len(dm.val_dataset), 3)))

@@ -13,12 +13,12 @@ import torch
 from pytorch_lightning.strategies import DDPStrategy, FSDPStrategy
 
 from samtrain.commands.train import build_run
+from samtrain.distributed import refuse_empty_batch_if_sharded
 from samtrain.lightning.fault_tolerance import (
     NonFiniteGuard,
     gradients_are_finite,
     load_pending_loader_state,
     non_finite_tensors,
-    refuse_empty_batch_if_sharded,
 )
 from samtrain.lightning.mae_module import MaeModule
 from samtrain.models.mae import build_mae
@@ -144,10 +144,10 @@ def test_loader_state_workaround_warns_when_lightning_internals_change(caplog):
 def test_an_empty_batch_under_a_sharded_strategy_is_a_clear_error():
     """FSDP ranks gather weights from each other in every forward pass: a rank without data cannot
     skip its step (the others would wait forever), so it stops with a message saying what to do."""
-    fsdp = SimpleNamespace(strategy=FSDPStrategy(), global_rank=1)
-    with pytest.raises(RuntimeError, match=r"rank 1 holds no readable sample.*FSDPStrategy.*check-data"):
+    fsdp = SimpleNamespace(strategy=FSDPStrategy())
+    with pytest.raises(RuntimeError, match=r"rank 0 holds no readable sample.*FSDPStrategy.*check-data"):
         refuse_empty_batch_if_sharded(fsdp, "training")
-    refuse_empty_batch_if_sharded(SimpleNamespace(strategy=DDPStrategy(), global_rank=1), "training")
+    refuse_empty_batch_if_sharded(SimpleNamespace(strategy=DDPStrategy()), "training")
     refuse_empty_batch_if_sharded(None, "validation")
 
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
 from safetensors.torch import save_file
 
+from samtrain import distributed
 from samtrain.commands.train import build_run, fit, scalar_metrics, wandb_finished
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,5 @@ def run_pretraining(cfg, datamodule, module, trainer) -> dict[str, float]:
             lines.append(f"Reconstructions: {module.last_grid_path.parent}")
         lines.append(f"Use in SAM: model.net.encoder_init={path}")
         print("\n".join(["", *lines]), flush=True)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
+    distributed.barrier()
     return metrics

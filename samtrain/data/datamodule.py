@@ -7,10 +7,10 @@ from pytorch_lightning import LightningDataModule
 from torch.utils.data import Dataset, IterableDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from samtrain import distributed
 from samtrain.data.collate import collate_sam_batch
 from samtrain.data.errors import SkipBadSamples
 from samtrain.data.sampler import SeededShardSampler
-from samtrain.lightning.fault_tolerance import is_sharded
 
 
 def takes_sample_seeds(dataset: Dataset) -> bool:
@@ -47,11 +47,6 @@ class IgnoreSampleSeeds(Dataset):
             self.dataset.load_state_dict(state)
 
 
-def rank_and_world(trainer) -> tuple[int, int]:
-    """(global rank, world size) of the trainer a data module is attached to; (0, 1) without one."""
-    return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-
-
 def worker_generator(seed: int, rank: int) -> torch.Generator:
     """The generator that seeds a loader's worker processes: a different one on every rank."""
     return torch.Generator().manual_seed((seed + 1_000_003 * rank) % 2**63)
@@ -68,10 +63,10 @@ def sharded_loader(dataset: Dataset, trainer, *, seed: int, train: bool, **loade
     Samples raising ``SampleError`` become None (``SkipBadSamples``): the ``collate_fn`` in
     ``loader_args`` drops and counts them.
     """
-    rank, world_size = rank_and_world(trainer)
+    rank, world_size = distributed.rank(), distributed.world_size()
     if not takes_sample_seeds(dataset):
         dataset = IgnoreSampleSeeds(dataset)
-    even = train or is_sharded(trainer)
+    even = train or distributed.is_sharded(trainer)
     sampler = SeededShardSampler(
         len(dataset), seed=seed, shuffle=train, rank=rank, world_size=world_size, even=even
     )
@@ -141,7 +136,7 @@ class SamDataModule(LightningDataModule):
     def setup(self, stage: str) -> None:
         if self.global_batch_size is None:
             return
-        _, world_size = rank_and_world(self.trainer)
+        world_size = distributed.world_size()
         accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
         per_step = world_size * accumulate
         if self.global_batch_size % per_step:
@@ -163,7 +158,7 @@ class SamDataModule(LightningDataModule):
             "num_workers": self.num_workers,
             "pin_memory": self.pin_memory,
             "collate_fn": collate_sam_batch,
-            "generator": worker_generator(seed, rank_and_world(self.trainer)[0]),
+            "generator": worker_generator(seed, distributed.rank()),
         }
         if isinstance(dataset, IterableDataset):
             # Fresh workers each epoch: they receive the epoch set by set_stream_epoch.

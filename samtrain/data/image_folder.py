@@ -16,8 +16,9 @@ import torch
 from torch.utils.data import Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from samtrain import distributed
 from samtrain.data.collate import collate_image_batch
-from samtrain.data.datamodule import rank_and_world, sharded_loader
+from samtrain.data.datamodule import sharded_loader
 from samtrain.data.image_io import find_images, read_rgb_image
 from samtrain.data.split import select_split
 
@@ -214,7 +215,7 @@ class MaeDataModule(pl.LightningDataModule):
     def _loader(self, dataset: ImageFolderDataset, *, train: bool) -> StatefulDataLoader:
         seed = int(self.seed if self.seed is not None else torch.initial_seed())
         batch_size = self.batch_size if train else self.val_batch_size
-        share = len(dataset) // rank_and_world(self.trainer)[1]  # each rank's share of an epoch
+        share = len(dataset) // distributed.world_size()  # each rank's share of an epoch
         return sharded_loader(
             dataset,
             self.trainer,

@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from samtrain import distributed
 from samtrain.data.base import SamDataset, decoded
 from samtrain.data.errors import SampleError
 from samtrain.data.image_io import decode_rgb_image, read_bytes
@@ -340,9 +340,7 @@ class Sa1bTarStream(IterableDataset):
     def _distributed(self) -> tuple[int, int]:
         if self.rank is not None or self.world_size is not None:
             return int(self.rank or 0), int(self.world_size or 1)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return torch.distributed.get_rank(), torch.distributed.get_world_size()
-        return 0, 1
+        return distributed.rank(), distributed.world_size()
 
     def shard_order(self, epoch: int) -> list[str]:
         """The shards in the order of ``epoch`` (the same in every rank and worker)."""

@@ -24,6 +24,7 @@ import torch
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import albumentations as A
 
+from samtrain import distributed
 from samtrain.data.rle import RleMasks
 from samtrain.frame import PIXEL_MEAN, PIXEL_STD, resize_longest_side, resized_shape
 
@@ -127,8 +128,8 @@ def _context_seed() -> list[int]:
     plus the distributed rank in the main process so ranks do not augment in lockstep."""
     seed = [torch.initial_seed()]
     in_worker = torch.utils.data.get_worker_info() is not None
-    if not in_worker and torch.distributed.is_available() and torch.distributed.is_initialized():
-        seed.append(torch.distributed.get_rank())
+    if not in_worker and distributed.is_initialized():
+        seed.append(distributed.rank())
     return seed
 
 

@@ -7,7 +7,8 @@
   handler saves and requeues) finishes the current step, writes ``last.ckpt`` and exits cleanly.
 - :func:`zero_loss`: what a rank whose batch held no readable sample returns under DDP, so that it
   still takes part in the gradient all-reduce instead of leaving the other ranks waiting. Under a
-  sharded strategy (FSDP) such a batch cannot be skipped: :func:`refuse_empty_batch_if_sharded`.
+  sharded strategy (FSDP) such a batch cannot be skipped:
+  :func:`samtrain.distributed.refuse_empty_batch_if_sharded`.
 
 Checkpoints themselves are atomic already: Lightning serialises a checkpoint in memory, then
 writes it inside an fsspec transaction (a temporary file moved over the old one).
@@ -21,37 +22,10 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-import torch.distributed as dist
 from pytorch_lightning.plugins.environments import SLURMEnvironment
-from pytorch_lightning.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 log = logging.getLogger(__name__)
-
-
-def world_size() -> int:
-    """The number of processes of the initialised default process group (1 when there is none)."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-SHARDED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
-
-
-def is_sharded(trainer: pl.Trainer | None) -> bool:
-    """Whether the trainer shards the model over the ranks (FSDP, DeepSpeed, model parallel): then
-    every rank must run every forward pass in step, as each gathers weights from all the others."""
-    return trainer is not None and isinstance(trainer.strategy, SHARDED_STRATEGIES)
-
-
-def refuse_empty_batch_if_sharded(trainer: pl.Trainer | None, stage: str) -> None:
-    """RuntimeError for a ``stage`` batch with no readable sample under a sharded strategy: the rank
-    cannot run the model's forward with the others, and skipping it would leave them waiting."""
-    if is_sharded(trainer):
-        raise RuntimeError(
-            f"a {stage} batch on rank {trainer.global_rank} holds no readable sample; under "
-            f"{type(trainer.strategy).__name__} every rank must run each forward pass in step, so it "
-            "cannot be skipped: repair the data (`samtrain check-data` lists each problem) or train with DDP"
-        )
 
 
 def zero_loss(module: torch.nn.Module) -> torch.Tensor:

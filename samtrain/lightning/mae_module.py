@@ -17,12 +17,8 @@ import pytorch_lightning as pl
 import torch
 
 from samtrain.data.image_folder import IMAGENET_MEAN, IMAGENET_STD
-from samtrain.lightning.fault_tolerance import (
-    load_pending_loader_state,
-    refuse_empty_batch_if_sharded,
-    world_size,
-    zero_loss,
-)
+from samtrain.distributed import refuse_empty_batch_if_sharded, world_size
+from samtrain.lightning.fault_tolerance import load_pending_loader_state, zero_loss
 from samtrain.lightning.optim import build_scheduler, decay_groups
 from samtrain.models.mae import MaskedAutoencoder
 
@@ -103,7 +99,7 @@ class MaeModule(pl.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         """batch: ``{"image": (B, 3, S, S), "num_skipped": int}`` (``collate_image_batch``)."""
         if "image" not in batch:  # no readable image (counted by SkippedSamplesBudget)
-            refuse_empty_batch_if_sharded(self._trainer, "training")
+            refuse_empty_batch_if_sharded(self.trainer, "training")
             return None if world_size() == 1 else zero_loss(self)
         images = batch["image"]
         loss = self.net(images).loss
@@ -115,7 +111,7 @@ class MaeModule(pl.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         if "image" not in batch:
-            refuse_empty_batch_if_sharded(self._trainer, "validation")
+            refuse_empty_batch_if_sharded(self.trainer, "validation")
             return
         images = batch["image"]
         out = self.net(images, generator=self._val_generator(batch_idx))

@@ -21,6 +21,7 @@ from pytorch_lightning.trainer.states import TrainerFn
 from torch.utils.checkpoint import checkpoint
 
 from samtrain.data.datamodule import set_stream_epoch
+from samtrain.distributed import refuse_empty_batch_if_sharded, world_size
 from samtrain.frame import masks_in_frame, valid_regions
 from samtrain.interactive.losses import SamLoss, sam_loss
 from samtrain.interactive.metrics import InteractiveMetrics
@@ -32,12 +33,7 @@ from samtrain.interactive.prompts import (
     step_generators,
 )
 from samtrain.interactive.protocols import evaluate_batch
-from samtrain.lightning.fault_tolerance import (
-    load_pending_loader_state,
-    refuse_empty_batch_if_sharded,
-    world_size,
-    zero_loss,
-)
+from samtrain.lightning.fault_tolerance import load_pending_loader_state, zero_loss
 from samtrain.lightning.optim import build_scheduler, sam_param_groups
 from samtrain.models.lora import has_lora
 from samtrain.models.sam.image_encoder import set_encoder_checkpointing
@@ -381,7 +377,7 @@ class SamModule(pl.LightningModule):
         this rank still takes part in every collective of a step (the mask count, the synced loss log,
         the gradient all-reduce), else the other ranks would wait for it forever: its loss is zero
         with a zero gradient for every trainable parameter, so it adds nothing to the global batch."""
-        refuse_empty_batch_if_sharded(self._trainer, "training")
+        refuse_empty_batch_if_sharded(self.trainer, "training")
         if world_size() == 1:
             return None
         self.num_masks_across_ranks(0)
@@ -430,7 +426,7 @@ class SamModule(pl.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         if "masks" not in batch:  # every sample was unreadable
-            refuse_empty_batch_if_sharded(self._trainer, "validation")
+            refuse_empty_batch_if_sharded(self.trainer, "validation")
             return
         out = evaluate_batch(self.net, batch, max_clicks=self._clicks_this_epoch)
         self.val_metrics.update(out["ious"], box_ious=out["box_ious"], pred_ious=out["pred_ious"])

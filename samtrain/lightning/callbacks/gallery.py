@@ -20,9 +20,9 @@ from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_warn
 
 from samtrain import visualize as vis
+from samtrain.distributed import is_sharded
 from samtrain.interactive.protocols import trace_interaction
 from samtrain.lightning.callbacks.wandb_artifacts import wandb_loggers
-from samtrain.lightning.fault_tolerance import is_sharded
 
 log = logging.getLogger(__name__)
 
