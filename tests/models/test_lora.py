@@ -11,7 +11,7 @@ import torch
 
 from samtrain.models import build_sam, export_sam_checkpoint, load_sam_checkpoint
 from samtrain.models.lora import LoRALinear, add_lora, has_lora, merge_lora, merge_lora_state
-from tests.test_modes import build_module, ellipse_batch, loss_and_grads
+from tests.lightning.test_modes import build_module, ellipse_batch, loss_and_grads
 
 SIZE = 64
 LORA = {"rank": 4, "alpha": 8.0, "targets": ["qkv", "proj"]}

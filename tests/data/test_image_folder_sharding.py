@@ -17,7 +17,7 @@ from samtrain.data.image_io import find_images
 from samtrain.data.sampler import SeededShardSampler
 from tests.conftest import as_rank
 
-SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample" / "train"
+SAMPLE = Path(__file__).resolve().parents[2] / "data" / "sample" / "train"
 
 
 def write_image(path: Path, value: int = 0, size=(40, 50)) -> Path:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import pytorch_lightning as pl
 
-from tests.test_distributed import assert_same_weights, save_weights, train, train_losses, weights
+from tests.lightning.test_distributed import assert_same_weights, save_weights, train, train_losses, weights
 
 pytestmark = pytest.mark.slow
 

@@ -18,7 +18,7 @@ from samtrain.data.image_folder import (
     find_images,
 )
 
-SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample" / "train"
+SAMPLE = Path(__file__).resolve().parents[2] / "data" / "sample" / "train"
 
 
 def write_image(path: Path, value: int = 128, size=(40, 50), channels: int = 3) -> Path:

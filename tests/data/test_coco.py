@@ -14,7 +14,7 @@ from pycocotools.coco import COCO
 
 from samtrain.data import CocoInstanceDataset, SampleError, SamTransform
 
-SAMPLE_DIR = Path(__file__).resolve().parents[1] / "data" / "sample"
+SAMPLE_DIR = Path(__file__).resolve().parents[2] / "data" / "sample"
 
 
 def compressed_rle(mask: np.ndarray) -> dict:

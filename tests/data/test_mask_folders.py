@@ -19,6 +19,7 @@ from samtrain.data import (
 )
 from samtrain.data.rle import decode_rle_string, rle_run_lengths
 from samtrain.data.split import split_mask
+from tests.data.test_coco import SAMPLE_DIR
 from tests.data_builders import (
     make_binary_folder,
     make_instance_folder,
@@ -26,7 +27,6 @@ from tests.data_builders import (
     make_semantic_folder,
     random_boxes_masks,
 )
-from tests.test_data_coco import SAMPLE_DIR
 
 # -- RLE ----------------------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 from samtrain.data import CocoInstanceDataset, SamDataModule, SamTransform, collate_sam_batch
 from tests.conftest import as_rank
 
-SAMPLE_DIR = Path(__file__).resolve().parents[1] / "data" / "sample"
+SAMPLE_DIR = Path(__file__).resolve().parents[2] / "data" / "sample"
 
 
 def fake_sample(num_masks: int, image_id: int, size: int = 16) -> dict:

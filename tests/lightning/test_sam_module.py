@@ -15,7 +15,7 @@ import samtrain.lightning.sam_module as sam_module
 from samtrain.frame import valid_regions
 from samtrain.lightning.sam_module import PassState, output_candidates
 
-EXPECTED_LOSSES = Path(__file__).parent / "data" / "expected_losses.json"
+EXPECTED_LOSSES = Path(__file__).resolve().parents[1] / "fixtures" / "expected_losses.json"
 
 
 def first_batch(cfg):
@@ -229,7 +229,7 @@ def tiny_losses(cfg, steps: int) -> list[float]:
 
 def test_fixed_seed_run_reproduces_stored_losses(tiny_cfg):
     """Guards the recipe against silent changes: regenerate the file only for an intended change
-    (python -m tests.test_sam_module)."""
+    (python -m tests.lightning.test_sam_module)."""
     expected = json.loads(EXPECTED_LOSSES.read_text())
     losses = tiny_losses(tiny_cfg(), steps=len(expected))
     assert losses == pytest.approx(expected, rel=1e-4, abs=1e-5)

@@ -23,7 +23,7 @@ from samtrain.models.mae import build_mae, patchify
 from samtrain.models.mae_transfer import init_encoder_from_mae
 from tests.conftest import compose_config
 
-SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample" / "train"
+SAMPLE = Path(__file__).resolve().parents[2] / "data" / "sample" / "train"
 
 
 def tiny_net(image_size: int = 64, **kwargs):
