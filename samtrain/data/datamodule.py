@@ -19,14 +19,6 @@ def takes_sample_seeds(dataset: Dataset) -> bool:
     return bool(getattr(dataset, "accepts_sample_seeds", False))
 
 
-def set_stream_epoch(trainer) -> None:
-    """Tells a streaming train dataset the epoch (Lightning does this for samplers only); call it in
-    ``on_train_epoch_start``. The stream's order and augmentation seeds follow the epoch."""
-    dataset = getattr(trainer.train_dataloader, "dataset", None)
-    if isinstance(dataset, IterableDataset) and hasattr(dataset, "set_epoch"):
-        dataset.set_epoch(trainer.current_epoch)
-
-
 class IgnoreSampleSeeds(Dataset):
     """Lets a plain map-style dataset take the sampler's ``(index, seed)`` keys (the seed is unused)."""
 
@@ -161,7 +153,7 @@ class SamDataModule(LightningDataModule):
             "generator": worker_generator(seed, distributed.rank()),
         }
         if isinstance(dataset, IterableDataset):
-            # Fresh workers each epoch: they receive the epoch set by set_stream_epoch.
+            # Fresh workers each epoch: they receive the epoch SamModule sets on the stream.
             return StatefulDataLoader(dataset, persistent_workers=False, **loader_args)
         return sharded_loader(
             dataset,

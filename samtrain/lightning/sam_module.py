@@ -19,8 +19,8 @@ import torch.distributed as dist
 from pytorch_lightning.strategies import FSDPStrategy
 from pytorch_lightning.trainer.states import TrainerFn
 from torch.utils.checkpoint import checkpoint
+from torch.utils.data import IterableDataset
 
-from samtrain.data.datamodule import set_stream_epoch
 from samtrain.distributed import refuse_empty_batch_if_sharded, world_size
 from samtrain.frame import valid_regions
 from samtrain.interactive.metrics import InteractiveMetrics
@@ -232,7 +232,11 @@ class SamModule(pl.LightningModule):
         load_pending_loader_state(self.trainer)
 
     def on_train_epoch_start(self) -> None:
-        set_stream_epoch(self.trainer)
+        """Tells a streaming train dataset the epoch (Lightning does this for samplers only): the
+        stream's shard order and augmentation seeds follow it."""
+        dataset = getattr(self.trainer.train_dataloader, "dataset", None)
+        if isinstance(dataset, IterableDataset) and hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(self.current_epoch)
 
     # ------------------------------------------------------------------ validation
 

@@ -10,10 +10,13 @@ import hydra
 import pytest
 import torch
 from pytorch_lightning.trainer.states import TrainerFn
+from torch.utils.data import IterableDataset
 
 import samtrain.interactive.simulate as simulate
 from samtrain.frame import valid_regions
 from samtrain.interactive.simulate import Prompts
+from samtrain.lightning.sam_module import SamModule
+from samtrain.models import build_sam
 
 EXPECTED_LOSSES = Path(__file__).resolve().parents[1] / "fixtures" / "expected_losses.json"
 
@@ -339,3 +342,21 @@ def test_training_prompts_get_the_tokens_the_official_predictor_builds(tiny_cfg)
     torch.testing.assert_close(logits[:1], point_first[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(logits[1:], box_first[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(iou, torch.cat([point_first[1], box_first[1]]), atol=1e-5, rtol=1e-5)
+
+
+class Stream(IterableDataset):
+    epoch = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        return iter(())
+
+
+def test_streams_are_told_the_epoch():
+    stream = Stream()
+    module = SamModule(net=build_sam("vit_t", image_size=64), optimizer=torch.optim.AdamW)
+    module._trainer = SimpleNamespace(train_dataloader=SimpleNamespace(dataset=stream), current_epoch=3)
+    module.on_train_epoch_start()
+    assert stream.epoch == 3
