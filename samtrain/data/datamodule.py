@@ -44,13 +44,16 @@ def worker_generator(seed: int, rank: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed + 1_000_003 * rank) % 2**63)
 
 
-def sharded_loader(dataset: Dataset, trainer, *, seed: int, train: bool, **loader_args) -> StatefulDataLoader:
+def sharded_loader(
+    dataset: Dataset, *, seed: int, train: bool, even: bool, **loader_args
+) -> StatefulDataLoader:
     """A ``StatefulDataLoader`` over this rank's share of a map-style dataset.
 
     A :class:`SeededShardSampler` orders each epoch (shuffled by ``(seed, epoch)`` for training, in
-    order otherwise) and hands each sample its seed. Training epochs are cut to a multiple of the
-    world size so every rank runs as many steps; validation is too under a sharded model (FSDP),
-    whose ranks must run each forward pass in step (up to W - 1 samples are then left out). A
+    order otherwise) and hands each sample its seed. With ``even`` the epoch is cut to a multiple of
+    the world size so every rank runs as many steps: training always needs it, validation under a
+    sharded model (FSDP), whose ranks must run each forward pass in step (up to W - 1 samples are
+    then left out). A
     dataset that does not take ``(index, seed)`` keys is wrapped in :class:`IgnoreSampleSeeds`.
     Samples raising ``SampleError`` become None (``SkipBadSamples``): the ``collate_fn`` in
     ``loader_args`` drops and counts them.
@@ -58,7 +61,6 @@ def sharded_loader(dataset: Dataset, trainer, *, seed: int, train: bool, **loade
     rank, world_size = distributed.rank(), distributed.world_size()
     if not takes_sample_seeds(dataset):
         dataset = IgnoreSampleSeeds(dataset)
-    even = train or distributed.is_sharded(trainer)
     sampler = SeededShardSampler(
         len(dataset), seed=seed, shuffle=train, rank=rank, world_size=world_size, even=even
     )
@@ -157,9 +159,9 @@ class SamDataModule(LightningDataModule):
             return StatefulDataLoader(dataset, persistent_workers=False, **loader_args)
         return sharded_loader(
             dataset,
-            self.trainer,
             seed=seed,
             train=train,
+            even=train or distributed.is_sharded(self.trainer),
             persistent_workers=self.persistent_workers and self.num_workers > 0,
             **loader_args,
         )
