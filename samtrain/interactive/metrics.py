@@ -14,18 +14,26 @@ per-object values across batches (and DDP ranks) and reports them under flat nam
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
+import cv2
+import numpy as np
 import torch
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 __all__ = [
+    "COCO_AREA_RANGES",
     "InteractiveMetrics",
+    "boundary_iou",
+    "coco_size",
     "failures",
     "iou_calibration_error",
+    "mask_boundary",
     "miou_at_clicks",
     "number_of_clicks",
+    "ritm_failures",
     "threshold_name",
 ]
 
@@ -210,3 +218,63 @@ class InteractiveMetrics(Metric):
         for t in self.nof_thresholds:
             out[f"NoF@{threshold_name(t)}"] = failures(curves, t).sum().float()
         return out
+
+
+def mask_boundary(masks: np.ndarray, dilation_ratio: float = 0.02) -> np.ndarray:
+    """The inner boundary band of Boundary IoU (Cheng et al. 2021): each mask minus its erosion by
+    a 3 x 3 kernel applied d times, d = round(ratio x image diagonal) (at least 1), the image
+    border counting as background.
+
+    Args:
+        masks: ``(N, H, W) bool``.
+
+    Returns:
+        ``(N, H, W) bool``.
+    """
+    height, width = masks.shape[-2:]
+    steps = max(round(dilation_ratio * math.hypot(height, width)), 1)
+    kernel = np.ones((3, 3), dtype=np.uint8)
+    out = np.zeros(masks.shape, dtype=bool)
+    for i, mask in enumerate(masks):
+        padded = np.pad(mask.astype(np.uint8), 1)
+        eroded = cv2.erode(padded, kernel, iterations=steps)[1:-1, 1:-1]
+        out[i] = mask & (eroded == 0)
+    return out
+
+
+def boundary_iou(pred: np.ndarray, gt: np.ndarray, dilation_ratio: float = 0.02) -> np.ndarray:
+    """Boundary IoU of each prediction with its ground truth: the IoU of their boundary bands
+    (:func:`mask_boundary`); 1 where both bands are empty.
+
+    Args:
+        pred, gt: ``(N, H, W) bool``.
+
+    Returns:
+        ``(N,) float64``.
+    """
+    pb, gb = mask_boundary(pred, dilation_ratio), mask_boundary(gt, dilation_ratio)
+    inter = (pb & gb).reshape(len(pb), -1).sum(1).astype(np.float64)
+    union = (pb | gb).reshape(len(pb), -1).sum(1).astype(np.float64)
+    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+
+
+def ritm_failures(ious: torch.Tensor, threshold: float = 0.9) -> torch.Tensor:
+    """RITM's NoF: objects whose NoC@threshold equals the click limit K (those that reach the
+    threshold only at click K count too; :func:`failures` is the other definition).
+
+    Args:
+        ious: ``(N, K) float``.
+
+    Returns:
+        ``(N,) bool``.
+    """
+    return number_of_clicks(ious, threshold) == ious.shape[1]
+
+
+COCO_AREA_RANGES = {"small": (0, 32**2), "medium": (32**2, 96**2), "large": (96**2, math.inf)}
+
+
+def coco_size(areas: np.ndarray) -> np.ndarray:
+    """``(N,)`` mask areas in pixels -> ``(N,)`` str "small" (< 32^2), "medium" (< 96^2) or "large"."""
+    areas = np.asarray(areas)
+    return np.where(areas < 32**2, "small", np.where(areas < 96**2, "medium", "large"))
