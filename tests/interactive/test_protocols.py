@@ -619,3 +619,37 @@ def test_oracle_and_single_output_choices():
     g = torch.from_numpy(gt[0])
     assert single.ious[0, 0] == pytest.approx(((first & g).sum() / (first | g).sum()).item())
     assert all(c["mask_inputs"] is None for c in model.calls[-clicks:])
+
+
+def test_ritm_protocol_matches_the_official_predictor_at_another_size(oracle):
+    """An official-format checkpoint: samtrain's protocol and the official SamPredictor driven through
+    the reference protocol give the same clicks and IoUs per click (to 1e-5) on a 45 x 70 image."""
+    ours, theirs, _, _ = oracle
+    hw, clicks = (45, 70), 5
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, size=(*hw, 3), dtype=np.uint8)
+    gt = objects_for(hw)
+    for mask, colour in zip(gt[:2], [(250, 30, 30), (30, 250, 30)], strict=True):
+        image[mask] = colour
+    result = evaluate_sample(ours, image, gt, max_clicks=clicks)
+    theirs.set_image(image)  # the module's other tests are done with the fixture's image
+
+    def official_predict(t, coords, labels, mask_input, multimask):
+        logits, scores, low = theirs.predict(
+            point_coords=coords.astype(np.float64),
+            point_labels=labels,
+            mask_input=mask_input,
+            multimask_output=multimask,
+            return_logits=True,
+        )
+        return logits, scores, low
+
+    for i in range(len(gt)):
+        ref_clicks, ref_ious = reference_protocol(official_predict, gt[i], clicks)
+        ours_clicks = [
+            ((int(x), int(y)), int(lab))
+            for (x, y), lab in zip(result.clicks.coords[i], result.clicks.labels[i], strict=True)
+        ]
+        assert ours_clicks == [((int(x), int(y)), lab) for (x, y), lab in ref_clicks], i
+        np.testing.assert_allclose(result.clicks.ious[i], ref_ious, atol=1e-5)
+    assert result.clicks.ious.std() > 0.01
