@@ -147,13 +147,14 @@ class SbdBenchmark(SamDataset):
 def read_sbd_instances(path: Path) -> np.ndarray:
     """The instance map ``(H, W) int64`` of an SBD ``inst/*.mat`` file; SampleError naming it."""
     from scipy.io import loadmat
+    from scipy.io.matlab import MatReadError
 
     if not path.is_file():
         raise SampleError(path, "instance file does not exist")
     try:
         struct = loadmat(str(path))["GTinst"]
         instances = np.asarray(struct["Segmentation"][0, 0])
-    except (KeyError, ValueError, TypeError, IndexError, OSError) as err:
+    except (MatReadError, KeyError, ValueError, TypeError, IndexError, OSError) as err:
         raise SampleError(
             path, f"not an SBD instance file (a GTinst struct with Segmentation): {err}"
         ) from err
