@@ -178,3 +178,18 @@ def test_several_benchmarks_in_one_run_give_one_table(tmp_path):
     table = (tmp_path / "run" / "results.md").read_text()
     assert "| grabcut | random | 2 |" in table and "| davis | random | 2 |" in table
     assert (tmp_path / "run" / "davis" / "miou_vs_clicks.png").is_file()
+
+
+def test_coco_val_layout(tmp_path):
+    """COCO val2017 with GT boxes: the sample data copied into COCO's published layout."""
+    import shutil
+
+    from tests.conftest import ROOT
+
+    source = ROOT / "data" / "sample" / "val"
+    (tmp_path / "coco" / "annotations").mkdir(parents=True)
+    shutil.copytree(source, tmp_path / "coco" / "val2017")
+    shutil.copy(source / "annotations.json", tmp_path / "coco" / "annotations" / "instances_val2017.json")
+    dataset = benchmark("coco_val", tmp_path)
+    sample = dataset[0]
+    assert sample["masks"].shape[1:] == sample["image"].shape[:2] and len(sample["masks"]) >= 1
