@@ -418,7 +418,7 @@ class ObjectClicks:
     ious: np.ndarray  # (N, K) float64 IoU with the ground truth at the original resolution
     pred_ious: np.ndarray  # (N, K) float32 the IoU head's value for the chosen output
     oracle_iou: np.ndarray  # (N,) float64 best of the three multimask outputs at the first click
-    masks: np.ndarray | None = None  # (N, K, H, W) bool when asked for
+    masks: dict[int, np.ndarray] | None = None  # {k: (N, H, W) bool prediction after k clicks} when asked for
 
 
 def _choose_output(
@@ -442,7 +442,7 @@ def ritm_click_protocol(
     threshold: float = PROBABILITY_THRESHOLD,
     output_choice: str = "sam",
     mask_feedback: bool = True,
-    keep_masks: bool = False,
+    keep_masks_at: Sequence[int] = (),
 ) -> ObjectClicks:
     """The RITM click protocol for the objects of one image, all of them in each decoder pass.
 
@@ -460,6 +460,7 @@ def ritm_click_protocol(
         ignore: ``(N, H, W) bool`` pixels left out of clicks and IoU (RITM's ignore label), or None.
         max_clicks: K.
         threshold: probability above which a pixel is predicted foreground.
+        keep_masks_at: click counts k whose predictions are returned (``masks``).
     """
     if output_choice not in OUTPUT_CHOICES:
         raise ValueError(f"output_choice must be one of {OUTPUT_CHOICES}, got {output_choice!r}")
@@ -477,7 +478,7 @@ def ritm_click_protocol(
     pred = np.zeros_like(gt_np)
     coords = np.zeros((n, 0, 2), dtype=np.int64)
     labels = np.zeros((n, 0), dtype=np.int64)
-    ious, pred_ious, masks, mask_inputs, oracle_iou = [], [], [], None, None
+    ious, pred_ious, masks, mask_inputs, oracle_iou = [], [], {}, None, None
     rows = torch.arange(n, device=prompts.device)
     for click in range(max_clicks):
         rows_cols, positive = ritm_next_clicks(gt_np, pred, not_clicked, ignore_np)
@@ -496,8 +497,8 @@ def ritm_click_protocol(
         ious.append(masks_iou(mask, gt, ignore).cpu().numpy())
         pred_ious.append(iou_pred[rows, index].cpu().numpy())
         pred = mask.cpu().numpy()
-        if keep_masks:
-            masks.append(pred)
+        if click + 1 in keep_masks_at:
+            masks[click + 1] = pred
         mask_inputs = chosen if mask_feedback else None
     return ObjectClicks(
         coords=coords,
@@ -505,7 +506,7 @@ def ritm_click_protocol(
         ious=np.stack(ious, axis=1),
         pred_ious=np.stack(pred_ious, axis=1).astype(np.float32),
         oracle_iou=oracle_iou,
-        masks=np.stack(masks, axis=1) if keep_masks else None,
+        masks=masks if keep_masks_at else None,
     )
 
 
@@ -613,10 +614,10 @@ def evaluate_sample(
             threshold=threshold,
             output_choice=output_choice,
             mask_feedback=mask_feedback,
-            keep_masks=bool(boundary_clicks),
+            keep_masks_at=tuple(boundary_clicks),
         )
         box_ious, box_pred = ritm_box_protocol(prompts, original_boxes(masks[part]), gt, threshold=threshold)
-        boundary = {k: boundary_iou(clicks.masks[:, k - 1], masks[part]) for k in boundary_clicks}
+        boundary = {k: boundary_iou(clicks.masks[k], masks[part]) for k in boundary_clicks}
         clicks.masks = None
         parts.append((clicks, box_ious, box_pred, boundary))
     return _joined(parts, boundary_clicks)

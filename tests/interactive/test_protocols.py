@@ -403,14 +403,17 @@ def reference_to_original(low: torch.Tensor, original: tuple[int, int]) -> torch
     return F.interpolate(up[None], size=(height, width), mode="bilinear", align_corners=False)[0]
 
 
-def reference_protocol(predict, gt: np.ndarray, clicks: int):
+def reference_protocol(predict, gt: np.ndarray, clicks: int, ignore: np.ndarray | None = None):
     """One object. ``predict(t, coords, labels, mask_input, multimask) -> (logits (C, H, W) at the
-    original size, scores (C,), low-res (C, S/4, S/4))``. Returns clicks [(x, y, label)], IoUs."""
+    original size, scores (C,), low-res (C, S/4, S/4))``. Returns clicks [(x, y, label)], IoUs.
+    ``ignore`` pixels are neither error nor part of the IoU."""
+    keep = np.ones_like(gt) if ignore is None else ~ignore
     clicked = np.zeros_like(gt)
     pred = np.zeros_like(gt)
     coords, labels, ious, mask_input = [], [], [], None
     for t in range(clicks):
-        dist = [distance_transform_edt(np.pad(r, 1))[1:-1, 1:-1] for r in (gt & ~pred, ~gt & pred)]
+        errors = (gt & ~pred & keep, ~gt & pred & keep)
+        dist = [distance_transform_edt(np.pad(r, 1))[1:-1, 1:-1] for r in errors]
         for d in dist:
             d[clicked] = 0
         positive = dist[0].max() > dist[1].max()
@@ -423,7 +426,7 @@ def reference_protocol(predict, gt: np.ndarray, clicks: int):
         chosen = int(np.argmax(scores)) if t == 0 else 0
         pred = np.asarray(torch.sigmoid(torch.as_tensor(logits[chosen])) > 0.49)
         mask_input = low[chosen : chosen + 1]
-        ious.append((pred & gt).sum() / (pred | gt).sum())
+        ious.append((pred & gt & keep).sum() / ((pred | gt) & keep).sum())
     return list(zip(coords, labels, strict=True)), np.array(ious)
 
 
@@ -653,3 +656,18 @@ def test_ritm_protocol_matches_the_official_predictor_at_another_size(oracle):
         assert ours_clicks == [((int(x), int(y)), lab) for (x, y), lab in ref_clicks], i
         np.testing.assert_allclose(result.clicks.ious[i], ref_ious, atol=1e-5)
     assert result.clicks.ious.std() > 0.01
+
+
+def test_ignored_pixels_are_neither_clicked_nor_scored():
+    """GrabCut's unsure band: no click lands there and the IoU leaves it out."""
+    clicks, hw = 6, (52, 41)
+    gen = torch.Generator().manual_seed(4)
+    model = ScriptedSam(smooth_logits(gen, clicks, 1), torch.rand(clicks, 1, 4, generator=gen))
+    model.hw = hw
+    gt = objects_for(hw)[:1]
+    ignore = gt ^ np.roll(gt, 2, axis=1)  # a band along the object's left and right edges
+    out = run_scripted(model, gt, clicks, ignore=torch.from_numpy(ignore))
+    ref_clicks, ref_ious = reference_protocol(model.scripted(0), gt[0], clicks, ignore=ignore[0])
+    assert [tuple(map(int, c)) for c in out.coords[0]] == [tuple(map(int, xy)) for xy, _ in ref_clicks]
+    np.testing.assert_allclose(out.ious[0], ref_ious, atol=1e-12)
+    assert not any(ignore[0, y, x] for x, y in out.coords[0])
