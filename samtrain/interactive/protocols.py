@@ -605,7 +605,7 @@ def evaluate_sample(
     for start in range(0, len(masks), step):
         part = slice(start, start + step)
         gt = torch.from_numpy(masks[part])
-        ign = None if ignore is None else torch.from_numpy(np.ascontiguousarray(ignore[part]))
+        ign = None if ignore is None else torch.from_numpy(np.array(ignore[part], dtype=bool))
         clicks = ritm_click_protocol(
             prompts,
             gt,
