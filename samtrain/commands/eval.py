@@ -161,6 +161,15 @@ class ObjectRecords:
         return np.concatenate(getattr(self, name))
 
 
+def objects_of(sample: dict, cap: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """A raw sample's objects ``(N, H, W) bool`` (the first ``cap``; empty masks are no object) and
+    their ground-truth boxes ``(N, 4)`` when the benchmark gives them."""
+    masks = np.asarray(sample["masks"], dtype=bool)[:cap]
+    boxes = None if sample.get("boxes") is None else np.asarray(sample["boxes"], dtype=np.float64)[:cap]
+    keep = masks.reshape(len(masks), -1).any(axis=1)
+    return masks[keep], None if boxes is None else boxes[keep]
+
+
 def raw_dataset(dataset_cfg: DictConfig) -> Any:
     """The dataset of a config without its transform: samples at the original resolution."""
     cfg = OmegaConf.to_container(dataset_cfg, resolve=True)
@@ -203,13 +212,12 @@ def evaluate_model(
                 log.warning("skipping %s", err)
                 num_skipped += 1
                 continue
-            masks = np.asarray(sample["masks"], dtype=bool)[:max_objects_per_image]
-            masks = masks[masks.reshape(len(masks), -1).any(axis=1)]  # an empty mask is no object
+            masks, boxes = objects_of(sample, max_objects_per_image)
             num_images += 1
             if len(masks) == 0:
                 continue
-            ignore = sample.get("ignore")
-            result = evaluate_sample(model, np.asarray(sample["image"]), masks, ignore=ignore, **protocol)
+            image, ignore = np.asarray(sample["image"]), sample.get("ignore")
+            result = evaluate_sample(model, image, masks, ignore=ignore, boxes=boxes, **protocol)
             records.add(index, int(sample["image_id"]), masks, result)
             first_click_sum += float(result.clicks.ious[:, 0].sum())
             n = len(records.areas)
@@ -347,8 +355,7 @@ def plot_worst(model: Any, dataset: Any, records: ObjectRecords, path: Path, cou
     panels = []
     for i in worst:
         sample = dataset[records.sample_index[i]]
-        gt = np.asarray(sample["masks"], dtype=bool)
-        gt = gt[gt.reshape(len(gt), -1).any(axis=1)][records.object_index[i]]
+        gt = objects_of(sample)[0][records.object_index[i]]
         panels.append(
             {
                 "image": np.asarray(sample["image"]),

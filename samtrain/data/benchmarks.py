@@ -16,19 +16,24 @@ neither object nor background (RITM's ignore label). Layouts (under ``root``):
 - :class:`PascalVocBenchmark`: VOC ``ImageSets/Segmentation/val.txt``, ``JPEGImages/``,
   ``SegmentationObject/`` (palette index 1..254 an object, 255 the ignored boundary band).
 
-COCO / LVIS val with ground-truth boxes use :class:`samtrain.data.CocoInstanceDataset`.
+- :class:`CocoBoxBenchmark`: COCO ``instances_val2017.json`` or LVIS ``lvis_v1_val.json`` (whose
+  images name their file only by ``coco_url``, from COCO's train2017 and val2017) over the COCO images; each object's annotation
+  ``bbox`` is its ground-truth box (``"boxes"`` ``(K, 4)`` xyxy), crowd annotations left out.
 A file that is missing or cannot be read raises :class:`SampleError` naming it (evaluation skips
 and counts it); a root without the benchmark's folders is refused when the dataset is built.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from samtrain.data.base import SamDataset
+from samtrain.data.coco import decode_segmentations
 from samtrain.data.errors import SampleError
 from samtrain.data.image_io import IMAGE_EXTENSIONS, decode_rgb_image, read_bytes
 from samtrain.data.mask_folder import read_label_png
@@ -194,4 +199,86 @@ class PascalVocBenchmark(SamDataset):
         return {"image": image, "masks": masks, "image_id": index, "ignore": labels == 255}
 
 
-__all__ = ["MASK_RULES", "ImageMaskBenchmark", "PascalVocBenchmark", "SbdBenchmark", "read_sbd_instances"]
+class CocoBoxBenchmark(SamDataset):
+    """COCO or LVIS instances with their ground-truth boxes (the annotations' ``bbox``, x y w h,
+    given as x1 y1 x2 y2). An image's file is ``image_dir/file_name``, or else (LVIS) the last two
+    parts of its ``coco_url`` (``train2017/<file>`` or ``val2017/<file>``) under ``image_dir``; images
+    without a kept annotation are left out."""
+
+    def __init__(
+        self,
+        *,
+        annotation_file: str | Path,
+        image_dir: str | Path,
+        transform: Callable[..., dict] | None = None,
+    ) -> None:
+        self.annotation_file, self.image_dir, self.transform = (
+            Path(annotation_file),
+            Path(image_dir),
+            transform,
+        )
+        data = _read_json(self.annotation_file)
+        objects: dict[Any, list[dict]] = {}
+        for ann in data["annotations"]:
+            if (
+                isinstance(ann, dict)
+                and not ann.get("iscrowd", 0)
+                and "segmentation" in ann
+                and "bbox" in ann
+            ):
+                objects.setdefault(ann.get("image_id"), []).append(ann)
+        self.images = [im for im in data["images"] if isinstance(im, dict) and im.get("id") in objects]
+        self.objects = objects
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def _path(self, image: dict) -> Path:
+        name = image.get("file_name") or "/".join(str(image.get("coco_url", "")).split("/")[-2:])
+        if not name:
+            raise SampleError(
+                self.annotation_file, f"image {image.get('id')} has neither file_name nor coco_url"
+            )
+        return self.image_dir / name
+
+    def sample_name(self, index: int) -> str:
+        return str(self._path(self.images[index]))
+
+    def load_sample(self, index: int) -> dict:
+        image_record = self.images[index]
+        path = self._path(image_record)
+        image = _read_image(path)
+        height, width = image.shape[:2]
+        anns = self.objects[image_record["id"]]
+        try:
+            masks = decode_segmentations([a["segmentation"] for a in anns], height, width)
+            boxes = np.array(
+                [[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)], dtype=np.float64
+            )
+        except (ValueError, TypeError) as err:
+            raise SampleError(self.annotation_file, f"an annotation of {path} is malformed: {err}") from err
+        return {"image": image, "masks": masks, "boxes": boxes, "image_id": int(image_record["id"])}
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: the annotation file does not exist")
+    try:
+        data = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON: {err}") from err
+    if not isinstance(data, dict) or not all(
+        isinstance(data.get(k), list) for k in ("images", "annotations")
+    ):
+        raise ValueError(f"{path}: expected an object with 'images' and 'annotations' lists")
+    return data
+
+
+__all__ = [
+    "MASK_RULES",
+    "CocoBoxBenchmark",
+    "ImageMaskBenchmark",
+    "PascalVocBenchmark",
+    "SbdBenchmark",
+    "read_sbd_instances",
+]

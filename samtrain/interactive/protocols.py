@@ -574,6 +574,7 @@ def evaluate_sample(
     masks: np.ndarray,
     *,
     ignore: np.ndarray | None = None,
+    boxes: np.ndarray | None = None,
     max_clicks: int = 20,
     threshold: float = PROBABILITY_THRESHOLD,
     output_choice: str = "sam",
@@ -588,6 +589,7 @@ def evaluate_sample(
         image: ``(H, W, 3) uint8`` RGB.
         masks: ``(N, H, W) bool`` every object of the image.
         ignore: ``(N, H, W) bool`` or ``(H, W) bool`` pixels neither object nor background, or None.
+        boxes: ``(N, 4)`` xyxy ground-truth boxes of the box protocol (None: each mask's tight box).
         boundary_clicks: click counts k after which Boundary IoU is also measured.
         The others as :func:`ritm_click_protocol`.
     """
@@ -616,7 +618,8 @@ def evaluate_sample(
             mask_feedback=mask_feedback,
             keep_masks_at=tuple(boundary_clicks),
         )
-        box_ious, box_pred = ritm_box_protocol(prompts, original_boxes(masks[part]), gt, threshold=threshold)
+        box = original_boxes(masks[part]) if boxes is None else np.asarray(boxes, dtype=np.float64)[part]
+        box_ious, box_pred = ritm_box_protocol(prompts, box, gt, threshold=threshold)
         boundary = {k: boundary_iou(clicks.masks[k], masks[part]) for k in boundary_clicks}
         clicks.masks = None
         parts.append((clicks, box_ious, box_pred, boundary))

@@ -3,6 +3,7 @@ names the file when one is malformed."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -193,3 +194,31 @@ def test_coco_val_layout(tmp_path):
     dataset = benchmark("coco_val", tmp_path)
     sample = dataset[0]
     assert sample["masks"].shape[1:] == sample["image"].shape[:2] and len(sample["masks"]) >= 1
+    coco = json.loads((source / "annotations.json").read_text())
+    first = next(a for a in coco["annotations"] if a["image_id"] == sample["image_id"])
+    x, y, w, h = first["bbox"]
+    assert sample["boxes"][0].tolist() == [x, y, x + w, y + h]
+
+
+def test_lvis_images_named_by_coco_url(tmp_path):
+    (tmp_path / "coco" / "train2017").mkdir(parents=True)
+    (tmp_path / "lvis").mkdir()
+    Image.fromarray(rgb(0)).save(tmp_path / "coco" / "train2017" / "000000000009.jpg")
+    polygon = [[8.0, 5.0, 30.0, 5.0, 30.0, 20.0, 8.0, 20.0]]
+    lvis = {
+        "images": [
+            {"id": 9, "height": HW[0], "width": HW[1], "coco_url": "http://x/train2017/000000000009.jpg"}
+        ],
+        "annotations": [
+            {"id": 1, "image_id": 9, "category_id": 3, "segmentation": polygon, "bbox": [8, 5, 22, 15]}
+        ],
+        "categories": [{"id": 3, "name": "thing"}],
+    }
+    (tmp_path / "lvis" / "lvis_v1_val.json").write_text(json.dumps(lvis))
+    dataset = benchmark("lvis_val", tmp_path)
+    sample = dataset[0]
+    assert sample["image_id"] == 9 and sample["masks"].shape == (1, *HW) and sample["masks"][0, 10, 15]
+    assert sample["boxes"].tolist() == [[8, 5, 30, 20]]
+    (tmp_path / "lvis" / "lvis_v1_val.json").write_text("{")
+    with pytest.raises(Exception, match=r"lvis_v1_val\.json: not valid JSON"):
+        benchmark("lvis_val", tmp_path)

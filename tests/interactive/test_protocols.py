@@ -671,3 +671,20 @@ def test_ignored_pixels_are_neither_clicked_nor_scored():
     assert [tuple(map(int, c)) for c in out.coords[0]] == [tuple(map(int, xy)) for xy, _ in ref_clicks]
     np.testing.assert_allclose(out.ious[0], ref_ious, atol=1e-12)
     assert not any(ignore[0, y, x] for x, y in out.coords[0])
+
+
+def test_ground_truth_boxes_reach_the_model_in_its_frame():
+    """A benchmark's own boxes (COCO's bbox) replace the masks' tight boxes, scaled as the predictor scales."""
+    hw = (50, 80)
+    model = ScriptedSam(torch.zeros(1, 1, 4, LOW, LOW), torch.zeros(1, 1, 4))
+    gt = objects_for(hw)[:2]
+    boxes = np.array([[3.5, 4.0, 40.0, 30.0], [10.0, 2.0, 79.0, 49.5]])
+    evaluate_sample(model, np.zeros((*hw, 3), np.uint8), gt, boxes=boxes, max_clicks=1)
+    (call,) = [c for c in model.calls if c["boxes"] is not None]
+    np.testing.assert_allclose(call["boxes"].numpy(), boxes * S / 80, rtol=1e-6)  # 80 -> 64, 50 -> 40
+    evaluate_sample(model, np.zeros((*hw, 3), np.uint8), gt, max_clicks=1)
+    tight = [c for c in model.calls if c["boxes"] is not None][-1]["boxes"].numpy()
+    ys, xs = np.nonzero(gt[1])
+    np.testing.assert_allclose(
+        tight[1], np.array([xs.min(), ys.min(), xs.max(), ys.max()]) * S / 80, rtol=1e-6
+    )
