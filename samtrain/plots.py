@@ -101,3 +101,43 @@ def _ema(values: Sequence[float], alpha: float = 0.1) -> list[float]:
         current = v if math.isnan(current) else (1 - alpha) * current + alpha * v
         out.append(current)
     return out
+
+
+def plot_worst_objects(panels: Sequence[Mapping], path: str | Path, *, columns: int = 4) -> Path:
+    """A grid of objects, each its image with the ground truth tinted and the clicks numbered
+    (green positive, red negative).
+
+    Args:
+        panels: dicts with ``"image"`` ``(H, W, 3) uint8``, ``"gt"`` ``(H, W) bool``, ``"coords"``
+            ``(K, 2)`` pixel (x, y), ``"labels"`` ``(K,)`` 1/0 and ``"title"``.
+        path: the PNG to write; its folder is created.
+    """
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not panels:
+        raise ValueError("plot_worst_objects needs at least one panel")
+    columns = min(columns, len(panels))
+    rows = math.ceil(len(panels) / columns)
+    figure = Figure(figsize=(3.2 * columns, 3.2 * rows), dpi=110, layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(rows, columns, squeeze=False).ravel()
+    for ax, panel in zip(axes, panels, strict=False):
+        shown = np.asarray(panel["image"]).astype(np.float32) / 255.0
+        gt = np.asarray(panel["gt"], dtype=bool)
+        shown[gt] = 0.55 * shown[gt] + 0.45 * np.array([0.2, 0.5, 1.0])
+        ax.imshow(shown)
+        for k, ((x, y), label) in enumerate(zip(panel["coords"], panel["labels"], strict=True)):
+            colour = "lime" if label == 1 else "red"
+            ax.scatter([x], [y], s=28, c=colour, edgecolors="black", linewidths=0.6)
+            ax.annotate(
+                str(k + 1), (x, y), xytext=(3, 3), textcoords="offset points", fontsize=6, color=colour
+            )
+        ax.set_title(str(panel["title"]), fontsize=7)
+    for ax in axes:
+        ax.set_axis_off()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    return path

@@ -14,18 +14,27 @@ per-object values across batches (and DDP ranks) and reports them under flat nam
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
+import cv2
+import numpy as np
 import torch
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 __all__ = [
+    "COCO_AREA_RANGES",
     "InteractiveMetrics",
+    "boundary_iou",
+    "coco_size",
     "failures",
     "iou_calibration_error",
+    "mask_boundary",
     "miou_at_clicks",
     "number_of_clicks",
+    "protocol_summary",
+    "ritm_failures",
     "threshold_name",
 ]
 
@@ -210,3 +219,114 @@ class InteractiveMetrics(Metric):
         for t in self.nof_thresholds:
             out[f"NoF@{threshold_name(t)}"] = failures(curves, t).sum().float()
         return out
+
+
+def mask_boundary(masks: np.ndarray, dilation_ratio: float = 0.02) -> np.ndarray:
+    """The inner boundary band of Boundary IoU (Cheng et al. 2021): each mask minus its erosion by
+    a 3 x 3 kernel applied d times, d = round(ratio x image diagonal) (at least 1), the image
+    border counting as background.
+
+    Args:
+        masks: ``(N, H, W) bool``.
+
+    Returns:
+        ``(N, H, W) bool``.
+    """
+    height, width = masks.shape[-2:]
+    steps = max(round(dilation_ratio * math.hypot(height, width)), 1)
+    kernel = np.ones((3, 3), dtype=np.uint8)
+    out = np.zeros(masks.shape, dtype=bool)
+    for i, mask in enumerate(masks):
+        padded = np.pad(mask.astype(np.uint8), 1)
+        eroded = cv2.erode(padded, kernel, iterations=steps)[1:-1, 1:-1]
+        out[i] = mask & (eroded == 0)
+    return out
+
+
+def boundary_iou(pred: np.ndarray, gt: np.ndarray, dilation_ratio: float = 0.02) -> np.ndarray:
+    """Boundary IoU of each prediction with its ground truth: the IoU of their boundary bands
+    (:func:`mask_boundary`); 1 where both bands are empty.
+
+    Args:
+        pred, gt: ``(N, H, W) bool``.
+
+    Returns:
+        ``(N,) float64``.
+    """
+    pb, gb = mask_boundary(pred, dilation_ratio), mask_boundary(gt, dilation_ratio)
+    inter = (pb & gb).reshape(len(pb), -1).sum(1).astype(np.float64)
+    union = (pb | gb).reshape(len(pb), -1).sum(1).astype(np.float64)
+    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+
+
+def ritm_failures(ious: torch.Tensor, threshold: float = 0.9) -> torch.Tensor:
+    """RITM's NoF: objects whose NoC@threshold equals the click limit K (those that reach the
+    threshold only at click K count too; :func:`failures` is the other definition).
+
+    Args:
+        ious: ``(N, K) float``.
+
+    Returns:
+        ``(N,) bool``.
+    """
+    return number_of_clicks(ious, threshold) == ious.shape[1]
+
+
+COCO_AREA_RANGES = {"small": (0, 32**2), "medium": (32**2, 96**2), "large": (96**2, math.inf)}
+
+
+def coco_size(areas: np.ndarray) -> np.ndarray:
+    """``(N,)`` mask areas in pixels -> ``(N,)`` str "small" (< 32^2), "medium" (< 96^2) or "large"."""
+    areas = np.asarray(areas)
+    return np.where(areas < 32**2, "small", np.where(areas < 96**2, "medium", "large"))
+
+
+def protocol_summary(
+    ious: np.ndarray,
+    *,
+    clicks: Sequence[int] = (1, 3, 5, 9),
+    noc_thresholds: Sequence[float] = (0.85, 0.9),
+    nof_definition: str = "ritm",
+    box_ious: np.ndarray | None = None,
+    areas: np.ndarray | None = None,
+    oracle_ious: np.ndarray | None = None,
+    pred_ious: np.ndarray | None = None,
+    boundary_ious: dict[int, np.ndarray] | None = None,
+) -> dict[str, float]:
+    """The field's numbers over the objects of a benchmark.
+
+    Args:
+        ious: ``(N, K)`` IoU after clicks 1..K.
+        clicks: k of ``mIoU@k`` (those <= K).
+        noc_thresholds: t of ``NoC@t`` and ``NoF@t``.
+        nof_definition: ``"ritm"`` (NoC equal to K, RITM's code) or ``"never_reached"``.
+        box_ious: ``(N,)`` box-prompt IoUs: ``box_mIoU`` and, with ``areas`` ``(N,)`` (mask pixels),
+            ``box_mIoU_small|medium|large`` (COCO's areas; absent for a size with no object).
+        oracle_ious: ``(N,)`` best multimask IoU at click 1: ``oracle_mIoU@1``.
+        pred_ious: ``(N,)`` the IoU head's value at click 1: ``iou_calibration`` (mean |pred - IoU@1|).
+        boundary_ious: ``{k: (N,)}``: ``boundary_mIoU@k``.
+    """
+    if nof_definition not in ("ritm", "never_reached"):
+        raise ValueError(f"nof_definition must be 'ritm' or 'never_reached', got {nof_definition!r}")
+    curves = torch.from_numpy(np.asarray(ious, dtype=np.float64))
+    _check_curves(curves)
+    out = {f"mIoU@{k}": float(curves[:, k - 1].mean()) for k in clicks if k <= curves.shape[1]}
+    for t in noc_thresholds:
+        name = threshold_name(t)
+        out[f"NoC@{name}"] = float(number_of_clicks(curves, t).double().mean())
+        fails = ritm_failures(curves, t) if nof_definition == "ritm" else failures(curves, t)
+        out[f"NoF@{name}"] = float(fails.sum())
+    if box_ious is not None:
+        out["box_mIoU"] = float(np.mean(box_ious))
+        if areas is not None:
+            sizes = coco_size(areas)
+            for size in COCO_AREA_RANGES:
+                if (sizes == size).any():
+                    out[f"box_mIoU_{size}"] = float(np.mean(np.asarray(box_ious)[sizes == size]))
+    if oracle_ious is not None:
+        out["oracle_mIoU@1"] = float(np.mean(oracle_ious))
+    if pred_ious is not None:
+        out["iou_calibration"] = float(np.mean(np.abs(np.asarray(pred_ious) - curves[:, 0].numpy())))
+    for k, values in (boundary_ious or {}).items():
+        out[f"boundary_mIoU@{k}"] = float(np.mean(values))
+    return out

@@ -16,9 +16,9 @@ from tests.conftest import ROOT
 TINY_EVAL = (
     "image_size=64",
     "max_clicks=2",
-    "batch_size=2",
-    "limit_batches=1",
-    "data.val_dataset.transform.max_masks=2",
+    "limit_images=1",
+    "max_objects_per_image=2",
+    "worst_objects=0",
 )
 
 
@@ -94,12 +94,12 @@ def test_eval_subcommand_runs_a_tiny_evaluation(tmp_path, capsys):
     argv = ["eval", f"hydra.run.dir={run_dir}", f"paths.root_dir={ROOT}", *TINY_EVAL, "checkpoints=[null]"]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
-    assert "| checkpoint | mIoU@1 | mIoU@2 |" not in out  # clicks [1, 3, 5, 9] cut at max_clicks=2
-    assert "| checkpoint | mIoU@1 | NoC@85 |" in out and "| random |" in out
+    assert "| mIoU@1 | mIoU@2 |" not in out  # clicks [1, 3, 5, 9] cut at max_clicks=2
+    assert "| benchmark | checkpoint | objects | mIoU@1 | NoC@85 |" in out and "| val | random |" in out
     results = json.loads((run_dir / "results.json").read_text())
-    assert list(results["checkpoints"]) == ["random"]
-    assert len(results["checkpoints"]["random"]["miou_curve"]) == 2
-    assert (run_dir / "results.md").is_file() and (run_dir / "miou_vs_clicks.png").stat().st_size > 0
+    assert list(results["results"]["val"]) == ["random"]
+    assert len(results["results"]["val"]["random"]["miou_curve"]) == 2
+    assert (run_dir / "results.md").is_file() and (run_dir / "val" / "miou_vs_clicks.png").stat().st_size > 0
     assert (run_dir / "eval.log").is_file()  # Hydra's job is named after the command
 
 

@@ -12,21 +12,39 @@ from hydra.core.global_hydra import GlobalHydra
 from matplotlib.figure import Figure
 from PIL import Image
 
-from samtrain.commands.eval import checkpoint_list, checkpoint_names, evaluate, load_model, metric_columns
+from samtrain.commands.eval import (
+    checkpoint_list,
+    checkpoint_names,
+    evaluate,
+    load_model,
+    metric_columns,
+    raw_dataset,
+)
 from samtrain.models import export_sam_checkpoint
 from samtrain.plots import plot_click_curves
 from tests.conftest import TINY, compose_config
 
-# vit_t at 64 px, 3 clicks, two batches of two images, at most two objects per image.
+# vit_t at 64 px, 3 clicks, four images, at most two objects per image.
 EVAL_TINY = (
     "image_size=64",
     "max_clicks=3",
-    "batch_size=2",
-    "limit_batches=2",
-    "data.val_dataset.transform.max_masks=2",
+    "limit_images=4",
+    "max_objects_per_image=2",
+    "worst_objects=2",
     "progress=false",
 )
-METRIC_KEYS = {"mIoU@1", "mIoU@3", "NoC@85", "NoC@90", "NoF@90", "box_mIoU", "iou_calibration"}
+METRIC_KEYS = {
+    "mIoU@1",
+    "mIoU@3",
+    "NoC@85",
+    "NoC@90",
+    "NoF@85",
+    "NoF@90",
+    "box_mIoU",
+    "oracle_mIoU@1",
+    "iou_calibration",
+    "boundary_mIoU@1",
+}
 
 
 @pytest.fixture(scope="module")
@@ -66,19 +84,22 @@ def test_evaluate_writes_results_for_every_checkpoint(eval_cfg, checkpoints, mon
 
     monkeypatch.setattr(Figure, "savefig", record)
     cfg = eval_cfg(f"checkpoints=[{checkpoints['official']},{checkpoints['lightning']},null]")
-    results = evaluate(cfg)
+    results = evaluate(cfg)["val"]
 
     names = ["official.pth", "last.ckpt", "random"]
     assert list(results) == names
     output = Path(cfg.paths.output_dir)
     saved = json.loads((output / "results.json").read_text())
-    assert (saved["variant"], saved["image_size"], saved["max_clicks"]) == ("vit_t", 64, 3)
-    assert list(saved["checkpoints"]) == names
-    assert saved["checkpoints"]["random"]["checkpoint"] is None
-    assert saved["checkpoints"]["last.ckpt"]["checkpoint"] == str(checkpoints["lightning"])
+    assert (saved["variant"], saved["image_size"], saved["protocol"]["max_clicks"]) == ("vit_t", 64, 3)
+    assert (saved["max_objects_per_image"], saved["limit_images"]) == (2, 4)  # a capped run says so
+    assert saved["protocol"]["threshold"] == 0.49 and saved["nof_definition"] == "ritm"
+    runs = saved["results"]["val"]
+    assert list(runs) == names
+    assert runs["random"]["checkpoint"] is None
+    assert runs["last.ckpt"]["checkpoint"] == str(checkpoints["lightning"])
     for name in names:
-        run = saved["checkpoints"][name]
-        assert set(run["metrics"]) == METRIC_KEYS
+        run = runs[name]
+        assert set(run["metrics"]) >= METRIC_KEYS and any(k.startswith("box_mIoU_") for k in run["metrics"])
         assert run["metrics"] == pytest.approx(results[name])
         assert run["num_images"] == 4 and 1 <= run["num_objects"] <= 8
         curve = run["miou_curve"]
@@ -88,22 +109,36 @@ def test_evaluate_writes_results_for_every_checkpoint(eval_cfg, checkpoints, mon
         assert 1.0 <= run["metrics"]["NoC@90"] <= 3.0
 
     # The Lightning checkpoint (model under `net.`) and the export hold the same weights.
-    official, lightning = saved["checkpoints"]["official.pth"], saved["checkpoints"]["last.ckpt"]
+    official, lightning = runs["official.pth"], runs["last.ckpt"]
     assert official["metrics"] == lightning["metrics"]
     assert official["miou_curve"] == lightning["miou_curve"]
     # ...and they were loaded: the untrained model of the eval seed is another model.
-    assert saved["checkpoints"]["random"]["miou_curve"] != official["miou_curve"]
+    assert runs["random"]["miou_curve"] != official["miou_curve"]
 
     table = (output / "results.md").read_text().splitlines()
-    header = "| checkpoint | mIoU@1 | mIoU@3 | NoC@85 | NoC@90 | NoF@90 | box mIoU | IoU calibration |"
-    assert header in table
-    rows = [line for line in table if line.startswith("| ") and line != header]
-    assert [row.split(" | ")[0][2:] for row in rows] == names
+    header = next(
+        line for line in table if line.startswith("| benchmark | checkpoint | objects | mIoU@1 | mIoU@3")
+    )
+    rows = [line for line in table if line.startswith("| val ")]
+    assert [row.split(" | ")[1] for row in rows] == names
     assert all(row.count("|") == header.count("|") for row in rows)
 
-    with Image.open(output / "miou_vs_clicks.png") as image:
+    with Image.open(output / "val" / "miou_vs_clicks.png") as image:
         assert image.format == "PNG" and min(image.size) > 100
-    (figure,) = figures
+    lines = (output / "val" / "official.pth" / "objects.csv").read_text().splitlines()
+    assert lines[0].split(",")[:7] == [
+        "image_id",
+        "object",
+        "area",
+        "box_iou",
+        "oracle_iou@1",
+        "pred_iou@1",
+        "x_1",
+    ]
+    assert len(lines) == 1 + official["num_objects"] and len(lines[1].split(",")) == 6 + 4 * 3
+    assert (output / "val" / "random" / "worst_objects.png").is_file()
+    figure = figures[-1]  # the curves come last; before them one worst-objects grid per checkpoint
+    assert len(figures) == 4
     (axes,) = figure.axes
     assert [line.get_label() for line in axes.get_lines()] == names
     assert [list(line.get_xdata()) for line in axes.get_lines()] == [[1, 2, 3]] * 3
@@ -112,7 +147,7 @@ def test_evaluate_writes_results_for_every_checkpoint(eval_cfg, checkpoints, mon
 
 def test_repeated_checkpoints_give_identical_metrics(eval_cfg, checkpoints):
     path = checkpoints["official"]
-    results = evaluate(eval_cfg(f"checkpoints=[{path},{path}]", "max_clicks=2", "limit_batches=1"))
+    results = evaluate(eval_cfg(f"checkpoints=[{path},{path}]", "max_clicks=2", "limit_images=1"))["val"]
     assert list(results) == ["official.pth", "official.pth#2"]
     first, second = results.values()
     assert first == second
@@ -169,8 +204,15 @@ def test_default_config_columns_and_coco_without_train_split(eval_cfg, tmp_path)
         "mIoU@9",
         "NoC@85",
         "NoC@90",
+        "NoF@85",
         "NoF@90",
+        "boundary mIoU@1",
+        "boundary mIoU@5",
+        "oracle mIoU@1",
         "box mIoU",
+        "box small",
+        "box medium",
+        "box large",
         "IoU calibration",
     ]
     # The generic COCO config leaves the train split mandatory (???); evaluation never reads it.
@@ -179,11 +221,9 @@ def test_default_config_columns_and_coco_without_train_split(eval_cfg, tmp_path)
         "data.val_dataset.annotation_file=${paths.data_dir}/sample/val/annotations.json",
         "data.val_dataset.image_dir=${paths.data_dir}/sample/val",
     )
-    datamodule = hydra.utils.instantiate(cfg.data)
-    assert datamodule.train_dataset is None
-    assert datamodule.val_batch_size == 2
-    batch = next(iter(datamodule.val_dataloader()))
-    assert batch["image"].shape[-2:] == (64, 64)
+    dataset = raw_dataset(cfg.data.val_dataset)
+    sample = dataset[0]  # the original image, not resized
+    assert sample["image"].shape[:2] == sample["masks"].shape[1:] and max(sample["image"].shape[:2]) != 64
 
 
 def test_plot_click_curves(tmp_path):
@@ -195,7 +235,7 @@ def test_plot_click_curves(tmp_path):
 
 
 def test_untrained_model_is_the_same_for_every_run(eval_cfg):
-    results = evaluate(eval_cfg("checkpoints=[null,random]", "max_clicks=1", "limit_batches=1"))
+    results = evaluate(eval_cfg("checkpoints=[null,random]", "max_clicks=1", "limit_images=1"))["val"]
     assert list(results) == ["random", "random#2"]
     first, second = results.values()
     assert first == second

@@ -160,3 +160,84 @@ def test_merged_states_equal_the_concatenation():
     assert set(got) == set(expected)
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], msg=key)
+
+
+# ------------------------------------------------------------------------------------------------
+# The benchmark summary: RITM's NoF, box mIoU by COCO size, oracle, Boundary IoU, calibration
+
+import numpy as np  # noqa: E402
+
+from samtrain.interactive.metrics import (  # noqa: E402
+    boundary_iou,
+    coco_size,
+    mask_boundary,
+    protocol_summary,
+    ritm_failures,
+)
+
+
+def test_ritm_nof_counts_noc_equal_to_the_limit():
+    """Object 2 reaches 0.85 only at click K: RITM counts it at 85, the other definition does not."""
+    assert ritm_failures(SCRIPTED, 0.85).tolist() == [False, False, True, False]
+    assert failures(SCRIPTED, 0.85).tolist() == [False, False, False, False]
+    assert (
+        ritm_failures(SCRIPTED, 0.9).tolist()
+        == failures(SCRIPTED, 0.9).tolist()
+        == [False, False, True, True]
+    )
+
+
+def test_protocol_summary_by_hand():
+    ious = np.array(SCRIPTED.tolist(), dtype=np.float64).round(2)  # 0.90 exactly, not float32's 0.8999...
+    out = protocol_summary(
+        ious,
+        clicks=[1, 5, 9],
+        box_ious=np.array([0.2, 0.4, 0.6, 0.8]),
+        areas=np.array([10, 32**2 - 1, 32**2, 96**2]),
+        oracle_ious=np.array([0.6, 0.9, 0.2, 0.9]),
+        pred_ious=np.array([0.5, 1.0, 0.2, 0.86]),
+        boundary_ious={5: np.array([0.5, 0.5, 0.0, 1.0])},
+    )
+    assert set(out) == {
+        "mIoU@1", "mIoU@5", "NoC@85", "NoC@90", "NoF@85", "NoF@90", "box_mIoU", "box_mIoU_small",
+        "box_mIoU_medium", "box_mIoU_large", "oracle_mIoU@1", "iou_calibration", "boundary_mIoU@5",
+    }  # fmt: skip
+    assert out["mIoU@1"] == pytest.approx((0.5 + 0.9 + 0.1 + 0.86) / 4)
+    assert out["NoC@85"] == pytest.approx((2 + 1 + 5 + 1) / 4) and out["NoC@90"] == pytest.approx(
+        (4 + 1 + 5 + 5) / 4
+    )
+    assert (out["NoF@85"], out["NoF@90"]) == (1.0, 2.0)
+    assert (out["box_mIoU_small"], out["box_mIoU_medium"], out["box_mIoU_large"]) == pytest.approx(
+        (0.3, 0.6, 0.8)
+    )
+    assert out["oracle_mIoU@1"] == pytest.approx(0.65)
+    assert out["iou_calibration"] == pytest.approx((0.0 + 0.1 + 0.1 + 0.0) / 4)
+    assert out["boundary_mIoU@5"] == pytest.approx(0.5)
+    other = protocol_summary(ious, nof_definition="never_reached")
+    assert (other["NoF@85"], other["NoF@90"]) == (0.0, 2.0)
+    with pytest.raises(ValueError, match="nof_definition"):
+        protocol_summary(ious, nof_definition="sometimes")
+    assert coco_size(np.array([1023, 1024, 9215, 9216])).tolist() == ["small", "medium", "medium", "large"]
+
+
+def test_boundary_iou_by_hand():
+    """A 20 x 20 square in a 50 x 50 image: d = round(0.02 * 70.7) = 1, so its band is its 76
+    outline pixels (the erosion by one 3 x 3 step)."""
+    gt = np.zeros((1, 50, 50), dtype=bool)
+    gt[0, 10:30, 10:30] = True
+    band = mask_boundary(gt)
+    assert band.sum() == 20 * 20 - 18 * 18
+    assert not band[0, 11:29, 11:29].any()
+    assert boundary_iou(gt, gt).tolist() == [1.0]
+    shifted = np.roll(gt, 1, axis=2)
+    pb, gb = mask_boundary(shifted)[0], band[0]
+    assert boundary_iou(shifted, gt)[0] == pytest.approx((pb & gb).sum() / (pb | gb).sum())
+    assert (pb & gb).sum() == 2 * 19  # the top and bottom rows share 19 columns; the sides none
+    assert boundary_iou(shifted, gt)[0] == pytest.approx(38 / (76 + 76 - 38))
+    assert boundary_iou(np.zeros_like(gt), gt).tolist() == [0.0]
+    edge = np.zeros((1, 50, 50), dtype=bool)
+    edge[0, :, :5] = True  # the image border counts as background: the band runs along it too
+    assert mask_boundary(edge)[0, :, 0].all()
+    big = np.zeros((1, 400, 300), dtype=bool)
+    big[0, 100:300, 50:250] = True  # d = round(0.02 * 500) = 10 steps: a 10 px band
+    assert mask_boundary(big).sum() == 200 * 200 - 180 * 180

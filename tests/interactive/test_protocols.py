@@ -372,3 +372,319 @@ def test_box_protocol_matches_the_official_predictor(oracle):
         ref_iou = (masks[0] & truth).sum() / max((masks[0] | truth).sum(), 1)
         assert ious[i].item() == pytest.approx(ref_iou, abs=1e-3), i
         assert pred_ious[i].item() == pytest.approx(float(scores[0]), abs=1e-3), i
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The RITM protocol at the original resolution, against an implementation written here from its rules:
+# GT and predictions at the image's size; click 1 positive at the first maximum of the distance transform of
+# the object padded by 1 px; then the maximum over the larger of the FN / FP distance maps, clicked pixels
+# counting 0, positive when the FN maximum is larger; foreground where sigmoid(logit) > 0.49; SAM's output
+# choice (click 1: the multimask output of highest predicted IoU; later: output 0; chosen logits fed back).
+
+from scipy.ndimage import distance_transform_edt  # noqa: E402
+from torch import nn  # noqa: E402
+
+from samtrain.interactive.metrics import ritm_failures  # noqa: E402
+from samtrain.interactive.protocols import (  # noqa: E402
+    ImagePrompts,
+    evaluate_sample,
+    ritm_click_protocol,
+)
+
+LOW = S // 4
+
+
+def reference_to_original(low: torch.Tensor, original: tuple[int, int]) -> torch.Tensor:
+    """(C, S/4, S/4) logits -> (C, H, W): upsample to S, crop the resized image, resize to H x W."""
+    height, width = original
+    scale = S / max(height, width)
+    h, w = int(height * scale + 0.5), int(width * scale + 0.5)
+    up = F.interpolate(low[None].float(), size=(S, S), mode="bilinear", align_corners=False)[0, :, :h, :w]
+    return F.interpolate(up[None], size=(height, width), mode="bilinear", align_corners=False)[0]
+
+
+def reference_protocol(predict, gt: np.ndarray, clicks: int, ignore: np.ndarray | None = None):
+    """One object. ``predict(t, coords, labels, mask_input, multimask) -> (logits (C, H, W) at the
+    original size, scores (C,), low-res (C, S/4, S/4))``. Returns clicks [(x, y, label)], IoUs.
+    ``ignore`` pixels are neither error nor part of the IoU."""
+    keep = np.ones_like(gt) if ignore is None else ~ignore
+    clicked = np.zeros_like(gt)
+    pred = np.zeros_like(gt)
+    coords, labels, ious, mask_input = [], [], [], None
+    for t in range(clicks):
+        errors = (gt & ~pred & keep, ~gt & pred & keep)
+        dist = [distance_transform_edt(np.pad(r, 1))[1:-1, 1:-1] for r in errors]
+        for d in dist:
+            d[clicked] = 0
+        positive = dist[0].max() > dist[1].max()
+        d = dist[0] if positive else dist[1]
+        row, col = np.argwhere(d == d.max())[0]
+        clicked[row, col] = True
+        coords.append((col, row))
+        labels.append(int(positive))
+        logits, scores, low = predict(t, np.array(coords), np.array(labels), mask_input, t == 0)
+        chosen = int(np.argmax(scores)) if t == 0 else 0
+        pred = np.asarray(torch.sigmoid(torch.as_tensor(logits[chosen])) > 0.49)
+        mask_input = low[chosen : chosen + 1]
+        ious.append((pred & gt & keep).sum() / ((pred | gt) & keep).sum())
+    return list(zip(coords, labels, strict=True)), np.array(ious)
+
+
+def reference_scores(ious: np.ndarray, clicks: int) -> dict:
+    """NoC@85/90 (K when never reached), NoF@90 (NoC == K), mIoU@1, @K over objects ``ious (N, K)``."""
+
+    def noc(curve, t):
+        hits = [k + 1 for k in range(clicks) if curve[k] >= t]
+        return hits[0] if hits else clicks
+
+    nocs = {t: [noc(c, t) for c in ious] for t in (0.85, 0.9)}
+    return {
+        "NoC@85": np.mean(nocs[0.85]),
+        "NoC@90": np.mean(nocs[0.9]),
+        "NoF@90": sum(n == clicks for n in nocs[0.9]),
+        "mIoU@1": ious[:, 0].mean(),
+        "mIoU@K": ious[:, -1].mean(),
+    }
+
+
+class ScriptedSam(nn.Module):
+    """Sam's interface with scripted outputs: after t + 1 clicks object i gets the low-res logits
+    ``logits[t, i]`` (4, S/4, S/4) and IoU predictions ``iou_pred[t, i]`` (4,); a table with one
+    object row is every object's. Records each decoder call."""
+
+    image_size = S
+
+    def __init__(self, logits: torch.Tensor, iou_pred: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(()))
+        self.logits, self.iou_pred, self.calls = logits, iou_pred, []
+
+    def preprocess(self, x):
+        return F.pad(x, (0, S - x.shape[-1], 0, S - x.shape[-2]))
+
+    def image_encoder(self, x):
+        return torch.zeros(x.shape[0], 256, S // 16, S // 16)
+
+    def decode_masks(
+        self, image_embeddings, *, points=None, boxes=None, mask_inputs=None, image_indices=None
+    ):
+        n = (points[0] if points is not None else boxes).shape[0]
+        t = 0 if points is None else points[0].shape[1] - 1
+        self.calls.append(dict(points=points, boxes=boxes, mask_inputs=mask_inputs))
+        return self.logits[t].expand(n, -1, -1, -1).clone(), self.iou_pred[t].expand(n, -1).clone()
+
+    def scripted(self, i: int):
+        """The predict function of :func:`reference_protocol` for object i, at original size ``hw``."""
+
+        def predict(t, coords, labels, mask_input, multimask):
+            row = i if self.logits.shape[1] > 1 else 0
+            low, scores = self.logits[t, row], self.iou_pred[t, row]
+            keep = slice(1, 4) if multimask else slice(0, 1)
+            return reference_to_original(low[keep], self.hw), scores[keep].numpy(), low[keep]
+
+        return predict
+
+
+def smooth_logits(gen: torch.Generator, clicks: int, objects: int, scale: float = 3.0) -> torch.Tensor:
+    """(K, N, 4, S/4, S/4) random logits that change with every click."""
+    coarse = torch.randn(clicks, objects * 4, 1, 6, 6, generator=gen) * scale
+    fine = F.interpolate(coarse.flatten(0, 1), size=(LOW, LOW), mode="bilinear", align_corners=False)
+    return fine.reshape(clicks, objects, 4, LOW, LOW)
+
+
+def objects_for(hw: tuple[int, int]) -> np.ndarray:
+    """Three objects at the original size: an ellipse, a 2-px-wide bar, one over 90% of the image."""
+    height, width = hw
+    yy, xx = np.mgrid[:height, :width]
+    gt = np.zeros((3, height, width), dtype=bool)
+    gt[0] = ((yy - height / 3) / (height / 4)) ** 2 + ((xx - width / 2) / (width / 4)) ** 2 <= 1
+    gt[1, 3 : height - 3, width // 3 : width // 3 + 2] = True  # vanishes when resized to the model
+    gt[2] = True
+    gt[2, :2, :3] = False
+    assert gt[2].mean() > 0.9
+    return gt
+
+
+def run_scripted(model: ScriptedSam, gt: np.ndarray, clicks: int, **kwargs):
+    prompts = ImagePrompts(
+        model=model,
+        image_embedding=torch.zeros(1, 256, S // 16, S // 16),
+        input_size=tuple(int(x * S / max(gt.shape[1:]) + 0.5) for x in gt.shape[1:]),
+        original_size=gt.shape[1:],
+    )
+    return ritm_click_protocol(prompts, torch.from_numpy(gt), max_clicks=clicks, **kwargs)
+
+
+def assert_matches_reference(model: ScriptedSam, gt: np.ndarray, out, clicks: int) -> np.ndarray:
+    model.hw = gt.shape[1:]
+    ref_ious = []
+    for i in range(len(gt)):
+        ref_clicks, ious = reference_protocol(model.scripted(i), gt[i], clicks)
+        ours = [
+            ((int(x), int(y)), int(lab)) for (x, y), lab in zip(out.coords[i], out.labels[i], strict=True)
+        ]
+        assert ours == [((int(x), int(y)), lab) for (x, y), lab in ref_clicks], i
+        np.testing.assert_allclose(out.ious[i], ious, atol=1e-12)
+        ref_ious.append(ious)
+    ref_ious = np.stack(ref_ious)
+    scores = reference_scores(ref_ious, clicks)
+    curves = torch.from_numpy(out.ious)
+    assert number_of_clicks(curves, 0.85).double().mean().item() == pytest.approx(scores["NoC@85"])
+    assert number_of_clicks(curves, 0.9).double().mean().item() == pytest.approx(scores["NoC@90"])
+    assert int(ritm_failures(curves, 0.9).sum()) == scores["NoF@90"]
+    assert out.ious[:, 0].mean() == pytest.approx(scores["mIoU@1"])
+    assert out.ious[:, -1].mean() == pytest.approx(scores["mIoU@K"])
+    return ref_ious
+
+
+@pytest.mark.parametrize("hw", [(50, 37), (90, 130)])
+def test_ritm_protocol_matches_the_rules_on_images_of_other_sizes(hw):
+    clicks = 8
+    gen = torch.Generator().manual_seed(hw[0])
+    model = ScriptedSam(smooth_logits(gen, clicks, 3), torch.rand(clicks, 3, 4, generator=gen))
+    gt = objects_for(hw)
+    out = run_scripted(model, gt, clicks)
+    ious = assert_matches_reference(model, gt, out, clicks)
+    assert ious.std() > 0.05  # the curves are not trivially constant
+    assert out.labels[:, 0].tolist() == [1, 1, 1]
+    # the prompts the model got: the clicks scaled to its input frame, the chosen logits fed back
+    last = model.calls[-1]
+    scale = S / max(hw)
+    sx, sy = int(hw[1] * scale + 0.5) / hw[1], int(hw[0] * scale + 0.5) / hw[0]
+    np.testing.assert_allclose(last["points"][0][..., 0].numpy(), out.coords[..., 0] * sx, rtol=1e-6)
+    np.testing.assert_allclose(last["points"][0][..., 1].numpy(), out.coords[..., 1] * sy, rtol=1e-6)
+    first_choice = model.iou_pred[0, :, 1:].argmax(dim=1) + 1
+    assert torch.equal(model.calls[1]["mask_inputs"][:, 0], model.logits[0, torch.arange(3), first_choice])
+    assert torch.equal(last["mask_inputs"][:, 0], model.logits[clicks - 2, :, 0])
+    assert model.calls[0]["mask_inputs"] is None
+
+
+def test_a_model_that_ignores_clicks_never_gets_a_pixel_twice():
+    clicks = 12
+    gen = torch.Generator().manual_seed(1)
+    fixed = smooth_logits(gen, 1, 3).expand(clicks, -1, -1, -1, -1)
+    model = ScriptedSam(fixed, torch.rand(1, 3, 4, generator=gen).expand(clicks, -1, -1))
+    gt = objects_for((61, 45))
+    out = run_scripted(model, gt, clicks)
+    assert_matches_reference(model, gt, out, clicks)
+    for i in range(3):
+        pixels = {tuple(p) for p in out.coords[i].tolist()}
+        assert len(pixels) == clicks, i
+
+
+def test_logits_just_below_zero_are_foreground_at_probability_049():
+    """Logit -0.02 is probability 0.495: foreground under RITM's rule, background at logit 0."""
+    hw = (40, 56)
+    logits = torch.full((2, 1, 4, LOW, LOW), -6.0)
+    logits[:, :, :, 2:9, 3:12] = -0.02
+    model = ScriptedSam(logits, torch.tensor([0.1, 0.9, 0.2, 0.3]).expand(2, 1, 4))
+    gt = np.zeros((1, *hw), dtype=bool)
+    gt[0, 8:30, 10:45] = True
+    out = run_scripted(model, gt, 2)
+    assert_matches_reference(model, gt, out, 2)
+    assert out.ious[0, 0] > 0.5
+    assert run_scripted(model, gt, 2, threshold=0.5).ious[0, 0] == 0.0
+
+
+def test_every_object_of_an_image_is_scored_in_passes():
+    """70 objects (more than the training transform's 64), in passes of a few objects each."""
+    clicks, hw = 3, (48, 70)
+    gen = torch.Generator().manual_seed(2)
+    model = ScriptedSam(smooth_logits(gen, clicks, 1), torch.rand(clicks, 1, 4, generator=gen))
+    gt = np.zeros((70, *hw), dtype=bool)
+    for i in range(70):
+        r, c = divmod(i, 10)
+        gt[i, r * 6 : r * 6 + 5, c * 7 : c * 7 + 6] = True
+    image = np.zeros((*hw, 3), dtype=np.uint8)
+    result = evaluate_sample(model, image, gt, max_clicks=clicks, max_pixels_per_pass=8 * hw[0] * hw[1])
+    assert result.clicks.ious.shape == (70, clicks) and result.box_ious.shape == (70,)
+    assert sum(c["points"] is not None for c in model.calls) == 9 * clicks  # ceil(70 / 8) passes
+    assert_matches_reference(model, gt, result.clicks, clicks)
+
+
+def test_oracle_and_single_output_choices():
+    clicks, hw = 3, (50, 37)
+    gen = torch.Generator().manual_seed(3)
+    model = ScriptedSam(smooth_logits(gen, clicks, 3), torch.rand(clicks, 3, 4, generator=gen))
+    gt = objects_for(hw)
+    oracle = run_scripted(model, gt, clicks, output_choice="oracle")
+    multi = (
+        torch.stack([reference_to_original(model.logits[0, i, 1:], hw) for i in range(3)]).sigmoid() > 0.49
+    )
+    best = [
+        max(((m & g).sum() / (m | g).sum()).item() for m in ms)
+        for ms, g in zip(multi, torch.from_numpy(gt), strict=True)
+    ]
+    np.testing.assert_allclose(oracle.ious[:, 0], best)
+    np.testing.assert_allclose(oracle.oracle_iou, best)
+    single = run_scripted(model, gt, clicks, output_choice="single", mask_feedback=False)
+    first = reference_to_original(model.logits[0, 0, :1], hw)[0].sigmoid() > 0.49
+    g = torch.from_numpy(gt[0])
+    assert single.ious[0, 0] == pytest.approx(((first & g).sum() / (first | g).sum()).item())
+    assert all(c["mask_inputs"] is None for c in model.calls[-clicks:])
+
+
+def test_ritm_protocol_matches_the_official_predictor_at_another_size(oracle):
+    """An official-format checkpoint: samtrain's protocol and the official SamPredictor driven through
+    the reference protocol give the same clicks and IoUs per click (to 1e-5) on a 45 x 70 image."""
+    ours, theirs, _, _ = oracle
+    hw, clicks = (45, 70), 5
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, size=(*hw, 3), dtype=np.uint8)
+    gt = objects_for(hw)
+    for mask, colour in zip(gt[:2], [(250, 30, 30), (30, 250, 30)], strict=True):
+        image[mask] = colour
+    result = evaluate_sample(ours, image, gt, max_clicks=clicks)
+    theirs.set_image(image)  # the module's other tests are done with the fixture's image
+
+    def official_predict(t, coords, labels, mask_input, multimask):
+        logits, scores, low = theirs.predict(
+            point_coords=coords.astype(np.float64),
+            point_labels=labels,
+            mask_input=mask_input,
+            multimask_output=multimask,
+            return_logits=True,
+        )
+        return logits, scores, low
+
+    for i in range(len(gt)):
+        ref_clicks, ref_ious = reference_protocol(official_predict, gt[i], clicks)
+        ours_clicks = [
+            ((int(x), int(y)), int(lab))
+            for (x, y), lab in zip(result.clicks.coords[i], result.clicks.labels[i], strict=True)
+        ]
+        assert ours_clicks == [((int(x), int(y)), lab) for (x, y), lab in ref_clicks], i
+        np.testing.assert_allclose(result.clicks.ious[i], ref_ious, atol=1e-5)
+    assert result.clicks.ious.std() > 0.01
+
+
+def test_ignored_pixels_are_neither_clicked_nor_scored():
+    """GrabCut's unsure band: no click lands there and the IoU leaves it out."""
+    clicks, hw = 6, (52, 41)
+    gen = torch.Generator().manual_seed(4)
+    model = ScriptedSam(smooth_logits(gen, clicks, 1), torch.rand(clicks, 1, 4, generator=gen))
+    model.hw = hw
+    gt = objects_for(hw)[:1]
+    ignore = gt ^ np.roll(gt, 2, axis=1)  # a band along the object's left and right edges
+    out = run_scripted(model, gt, clicks, ignore=torch.from_numpy(ignore))
+    ref_clicks, ref_ious = reference_protocol(model.scripted(0), gt[0], clicks, ignore=ignore[0])
+    assert [tuple(map(int, c)) for c in out.coords[0]] == [tuple(map(int, xy)) for xy, _ in ref_clicks]
+    np.testing.assert_allclose(out.ious[0], ref_ious, atol=1e-12)
+    assert not any(ignore[0, y, x] for x, y in out.coords[0])
+
+
+def test_ground_truth_boxes_reach_the_model_in_its_frame():
+    """A benchmark's own boxes (COCO's bbox) replace the masks' tight boxes, scaled as the predictor scales."""
+    hw = (50, 80)
+    model = ScriptedSam(torch.zeros(1, 1, 4, LOW, LOW), torch.zeros(1, 1, 4))
+    gt = objects_for(hw)[:2]
+    boxes = np.array([[3.5, 4.0, 40.0, 30.0], [10.0, 2.0, 79.0, 49.5]])
+    evaluate_sample(model, np.zeros((*hw, 3), np.uint8), gt, boxes=boxes, max_clicks=1)
+    (call,) = [c for c in model.calls if c["boxes"] is not None]
+    np.testing.assert_allclose(call["boxes"].numpy(), boxes * S / 80, rtol=1e-6)  # 80 -> 64, 50 -> 40
+    evaluate_sample(model, np.zeros((*hw, 3), np.uint8), gt, max_clicks=1)
+    tight = [c for c in model.calls if c["boxes"] is not None][-1]["boxes"].numpy()
+    ys, xs = np.nonzero(gt[1])
+    np.testing.assert_allclose(
+        tight[1], np.array([xs.min(), ys.min(), xs.max(), ys.max()]) * S / 80, rtol=1e-6
+    )
