@@ -122,8 +122,8 @@ def window_bounds(volume: np.ndarray, window: str | Sequence[float] | None, perc
 
 def to_rgb(slice_2d: np.ndarray, low: float, high: float) -> np.ndarray:
     """Intensities clipped to [low, high] and scaled to uint8, grey as RGB: (H, W, 3)."""
-    scale = 255.0 / max(high - low, 1e-12)
-    grey = np.clip((slice_2d.astype(np.float64) - low) * scale, 0, 255)
+    span = max(high - low, 1e-12)
+    grey = np.clip((slice_2d.astype(np.float64) - low) / span * 255.0, 0, 255)
     return np.repeat(np.rint(grey).astype(np.uint8)[..., None], 3, axis=2)
 
 
