@@ -143,7 +143,8 @@ class VolumeSliceDataset(SamDataset):
     """2-D slices of paired image and label volumes (see the module docstring).
 
     Raw samples: ``{"image": uint8 (H, W, 3), "masks": bool (K, H, W), "image_id": int,
-    "labels": int64 (K,)}`` with ``labels`` the label value of each object.
+    "labels": int64 (K,)}``; ``labels`` index :attr:`categories` (``"label <value>"`` for each
+    label value found, ascending; :attr:`label_value_list` holds the values).
 
     Args:
         image_dir, label_dir: the image and label volumes.
@@ -211,8 +212,11 @@ class VolumeSliceDataset(SamDataset):
         self.cases: list[dict] = []
         self.items: list[tuple[int, int]] = []  # (case, slice index; -1: the case's problem)
         self.skipped_empty = 0
+        self._values: set[int] = set()
         for case in cases:
             self._add_case(*case)
+        self.label_value_list = sorted(self._values)
+        self.categories = [f"label {v}" for v in self.label_value_list]
         if self.skipped_empty:
             log.info("%s: %d slice(s) without labels skipped", self.label_dir, self.skipped_empty)
 
@@ -264,6 +268,7 @@ class VolumeSliceDataset(SamDataset):
             raise SampleError(case["label"], "label volume holds non-integer values")
         case["window"] = window_bounds(image, self.window, self.percentiles)
         objects = self._object_voxels(labels)
+        self._values.update(int(v) for v in np.unique(labels[objects]))
         other = tuple(a for a in range(3) if a != case["axis"])
         labelled = np.flatnonzero(objects.any(axis=other))
         self.skipped_empty += labels.shape[case["axis"]] - len(labelled)
@@ -295,6 +300,7 @@ class VolumeSliceDataset(SamDataset):
         labels = np.rint(read_slice(case["label"], case["axis"], k)).astype(np.int64)
         values = [int(v) for v in np.unique(labels[self._object_voxels(labels)])]
         masks, kinds = components(labels, values, self.connectivity)
+        kinds = np.searchsorted(self.label_value_list, kinds).astype(np.int64)
         keep = masks.reshape(len(masks), -1).sum(axis=1) >= self.min_mask_area
         return {
             "image": to_rgb(image, *case["window"]),

@@ -49,7 +49,8 @@ def save_nifti(path: Path, array: np.ndarray) -> None:
 
 
 def check_objects(sample: dict, objects: list) -> None:
-    got = sorted((int(v), m.tobytes()) for v, m in zip(sample["labels"], sample["masks"], strict=True))
+    values = [int(k) + 1 for k in sample["labels"]]  # the fixture's values are 1, 2, 3: categories 0, 1, 2
+    got = sorted((v, m.tobytes()) for v, m in zip(values, sample["masks"], strict=True))
     assert got == sorted((v, m.tobytes()) for v, m in objects)
 
 
