@@ -31,6 +31,7 @@ _EXPORTS = {
     "CvatImagesDataset": "samtrain.data.cvat",
     "VocInstanceDataset": "samtrain.data.voc",
     "VolumeSliceDataset": "samtrain.data.volume",
+    "ObjectCropDataset": "samtrain.data.crops",
 }
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "CvatImagesDataset",
     "InstanceMaskFolder",
     "LabelmeDataset",
+    "ObjectCropDataset",
     "RleMasks",
     "Sa1bDataset",
     "Sa1bTarStream",
@@ -61,6 +63,7 @@ if TYPE_CHECKING:
     from samtrain.data.base import SamDataset
     from samtrain.data.coco import CocoInstanceDataset, decode_segmentations
     from samtrain.data.collate import collate_sam_batch
+    from samtrain.data.crops import ObjectCropDataset
     from samtrain.data.cvat import CvatImagesDataset
     from samtrain.data.datamodule import SamDataModule
     from samtrain.data.errors import SampleError, SkipBadSamples

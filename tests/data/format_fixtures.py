@@ -7,12 +7,18 @@ from pathlib import Path
 
 from tests.data import test_cvat, test_labelme, test_voc, test_volume, test_yolo
 
-FORMATS = ("yolo", "labelme", "cvat", "voc", "volume")
+FORMATS = ("yolo", "labelme", "cvat", "voc", "volume", "coco_crops")
 
 
 def format_overrides(option: str, root: Path) -> list[str]:
     """Write a tiny dataset of format ``option`` under ``root``; the overrides that read it."""
     root.mkdir(parents=True, exist_ok=True)
+    if option == "coco_crops":  # the sample data, in crops of 96 px
+        return [
+            f"data.{split}_dataset.dataset.{key}=${{paths.data_dir}}/sample/{split}/{name}"
+            for split in ("train", "val")
+            for key, name in (("annotation_file", "annotations.json"), ("image_dir", ""))
+        ] + ["data.train_dataset.crop_size=96"]
     if option == "yolo":
         polygon = test_yolo.line(0, [5, 5, 30, 8, 20, 30])
         test_yolo.write_yolo(root, {f"im{i}": polygon for i in range(4)})
