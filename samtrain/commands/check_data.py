@@ -101,6 +101,19 @@ def datasets_from_config(overrides: Sequence[str], splits: Sequence[str]) -> dic
         node = cfg.data.get(f"{split}_dataset")
         if node is not None:
             found[split] = hydra.utils.instantiate(node, transform=None)
+        found.update(named_datasets(cfg.data.get(f"{split}_datasets"), split))
+    return found
+
+
+def named_datasets(nodes: Any, split: str) -> dict[str, Any]:
+    """The datasets of ``train_datasets`` (mixing sources) or ``val_datasets``, as ``<split>/<name>``."""
+    if not nodes:
+        return {}
+    items = nodes.items() if hasattr(nodes, "items") else enumerate(nodes)
+    found = {}
+    for key, node in items:
+        name = node.get("name", key) if "dataset" in node else key
+        found[f"{split}/{name}"] = hydra.utils.instantiate(node.get("dataset", node), transform=None)
     return found
 
 

@@ -194,10 +194,10 @@ batch_size: 4
 """
 
 
-def mix_config(root) -> list[str]:
+def mix_config(root, data_dir: str = "${paths.data_dir}") -> list[str]:
     """Writes the mixed data option ``data=mix`` under root; the overrides that select it."""
     (root / "data").mkdir(parents=True, exist_ok=True)
-    (root / "data" / "mix.yaml").write_text(MIX_CONFIG)
+    (root / "data" / "mix.yaml").write_text(MIX_CONFIG.replace("${paths.data_dir}", data_dir))
     return [f"hydra.searchpath=[file://{root}]", "data=mix"]
 
 
@@ -229,7 +229,7 @@ def test_mixing_two_ranks_equal_one_and_kill_resume_is_bitwise(tmp_path):
 
     mix = mix_config(tmp_path / "conf")
     run = [o for o in dist_tests.RUN if not o.startswith(("data.train_dataset", "data.val_dataset"))]
-    steps = ("trainer.max_steps=6", "callbacks.step_checkpoint.every_n_train_steps=3")
+    steps = ("trainer.max_steps=4", "callbacks.step_checkpoint.every_n_train_steps=2")
 
     def train(run_dir, *overrides, check=True):
         args = [sys.executable, "train.py", *run, *mix, f"hydra.run.dir={run_dir}", *steps, *overrides]
@@ -245,9 +245,23 @@ def test_mixing_two_ranks_equal_one_and_kill_resume_is_bitwise(tmp_path):
     dist_tests.assert_same_weights(dist_tests.weights(ddp, 0), dist_tests.weights(ddp, 1))
     assert dist_tests.train_losses(ddp) == pytest.approx(dist_tests.train_losses(single), abs=1e-5)
     dist_tests.assert_same_weights(dist_tests.weights(ddp), dist_tests.weights(single), atol=1e-4)
-    assert train(killed, *dist_tests.signal_at(4, "SIGKILL"), check=False).returncode == -9
+    assert train(killed, *dist_tests.signal_at(3, "SIGKILL"), check=False).returncode == -9
     last = killed / "checkpoints" / "last.ckpt"
-    assert torch.load(last, weights_only=True)["global_step"] == 3  # mid-epoch: 12 steps an epoch
+    assert torch.load(last, weights_only=True)["global_step"] == 2  # mid-epoch: 12 steps an epoch
     resumed = tmp_path / "resumed"
     train(resumed, f"ckpt_path={last}", *dist_tests.save_weights(resumed))
     dist_tests.assert_same_weights(dist_tests.weights(resumed), dist_tests.weights(single))
+
+
+def test_check_data_walks_every_mixed_and_named_dataset(tmp_path, capsys):
+    from hydra.core.global_hydra import GlobalHydra
+
+    from samtrain.commands import cli
+
+    GlobalHydra.instance().clear()
+    overrides = mix_config(tmp_path / "conf", data_dir=str(ROOT / "data"))
+    assert cli.main(["check-data", *overrides, "--no-progress"]) == 0
+    GlobalHydra.instance().clear()
+    out = capsys.readouterr().out
+    for name in ("train/a", "train/b", "val/sample", "val/train_half"):
+        assert f"== {name}\n" in out
