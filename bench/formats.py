@@ -133,12 +133,13 @@ def write_volume(root: Path, depth: int = 32, size: int = 512) -> None:
     (root / "labels").mkdir()
     rng = np.random.default_rng(0)
     image = rng.normal(40, 300, (size, size, depth)).astype(np.int16)
-    labels = np.zeros((size, size, depth), np.uint8)
+    labels = np.zeros((depth, size, size), np.uint8)
     for k in range(depth):
         for j in range(OBJECTS):
-            cv2.circle(labels[:, :, k], (int(rng.integers(20, size - 20)), int(rng.integers(20, size - 20))),
+            cv2.circle(labels[k], (int(rng.integers(20, size - 20)), int(rng.integers(20, size - 20))),
                        int(rng.integers(4, 20)), 1 + j % 3, -1)  # fmt: skip
     nibabel.save(nibabel.Nifti1Image(image, np.eye(4)), str(root / "images" / "ct.nii.gz"))
+    labels = np.ascontiguousarray(np.moveaxis(labels, 0, 2))
     nibabel.save(nibabel.Nifti1Image(labels, np.eye(4)), str(root / "labels" / "ct.nii.gz"))
 
 
