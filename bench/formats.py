@@ -5,7 +5,7 @@ YOLO, labelme, CVAT, VOC palette PNGs); a 512x512x32 NIfTI volume (int16 CT-like
 disks per slice, gzip); a 4000x3000 JPEG with 500 small squares as COCO polygons, read in
 1024 px crops holding at least 5 objects. Each case runs in a fresh process on one thread:
 ``dataset[(i, seed)]`` with SamTransform(train, 1024 px, 64 masks), best of the rounds, and the
-process's peak RSS (``ru_maxrss``) with its RSS after imports.
+process's peak RSS (VmHWM) with its RSS once the dataset is built.
 """
 
 from __future__ import annotations
@@ -184,8 +184,13 @@ def build(case: str, root: Path):
     return ObjectCropDataset(dataset=raw, crop_size=1024, min_objects=5, transform=transform)
 
 
-def rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
+def rss_mb(field: str = "VmHWM") -> float:
+    """This process's peak (VmHWM) or current (VmRSS) resident set in MB. Not ``ru_maxrss``: Linux
+    carries that over from the parent across fork and exec."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_case(case: str, root: Path, samples: int, rounds: int) -> dict:
@@ -195,7 +200,7 @@ def run_case(case: str, root: Path, samples: int, rounds: int) -> dict:
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
     dataset = build(case, root)
-    before = rss_mb()
+    before = rss_mb("VmRSS")
     n = min(samples, len(dataset))
     best = float("inf")
     for r in range(rounds):

@@ -26,9 +26,10 @@ import numpy as np
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
-from samtrain.data.base import SamDataset
+from samtrain.data.base import SamDataset, decoded
 from samtrain.data.errors import SampleError
 from samtrain.data.image_io import read_rgb_image
+from samtrain.data.rle import RleMasks, rle_run_lengths
 from samtrain.data.split import select_split, stable_hash
 
 log = logging.getLogger(__name__)
@@ -82,10 +83,25 @@ def rasterize(shapes: Sequence[Shape], height: int, width: int) -> np.ndarray:
     return mask
 
 
-def _rasterize_one(shape: Shape, height: int, width: int) -> np.ndarray:
+def object_run_lengths(shapes: Sequence[Shape], height: int, width: int) -> np.ndarray:
+    """The union of ``shapes`` as COCO run lengths int64 (n,) (see :mod:`samtrain.data.rle`)."""
+    if all(shape.kind == "coco_polygon" for shape in shapes):
+        polygons = [_pixel_coords(shape, height, width).tolist() for shape in shapes]
+        rle = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
+    else:
+        rle = mask_utils.encode(np.asfortranarray(rasterize(shapes, height, width).view(np.uint8)))
+    return rle_run_lengths(rle, height, width)
+
+
+def _pixel_coords(shape: Shape, height: int, width: int) -> np.ndarray:
     coords = np.asarray(shape.coords, dtype=np.float64)
     if shape.normalized:
         coords = coords * np.tile([width, height], len(coords) // 2)
+    return coords
+
+
+def _rasterize_one(shape: Shape, height: int, width: int) -> np.ndarray:
+    coords = _pixel_coords(shape, height, width)
     if shape.kind == "coco_polygon":
         rle = mask_utils.frPyObjects([coords.tolist()], height, width)
         return mask_utils.decode(rle)[..., 0].astype(bool)
@@ -212,7 +228,10 @@ class AnnotatedImageDataset(SamDataset):
             raise SampleError(entry.annotation_file, "names no image")
         return read_rgb_image(entry.image_path)
 
-    def load_sample(self, index: int) -> dict:
+    def load_encoded_sample(self, index: int) -> dict:
+        """The untransformed sample with masks as RleMasks (K, H, W): polygons go straight to run
+        lengths (pycocotools), other shapes are drawn one at a time and encoded, so no sample ever
+        holds K full-size masks at once."""
         entry = self.entries[index]
         if entry.problems:
             raise SampleError(entry.annotation_file, "; ".join(entry.problems))
@@ -224,16 +243,20 @@ class AnnotatedImageDataset(SamDataset):
                 f"says the image is {entry.size[1]}x{entry.size[0]} but {entry.image_path or 'its image'} "
                 f"is {width}x{height}",
             )
-        masks = np.zeros((len(entry.objects), height, width), dtype=bool)
-        for k, obj in enumerate(entry.objects):
-            masks[k] = rasterize(obj.shapes, height, width)
-            if not masks[k].any():
+        masks = RleMasks([object_run_lengths(o.shapes, height, width) for o in entry.objects], height, width)
+        areas = masks.areas()
+        for obj, area in zip(entry.objects, areas, strict=True):
+            if area == 0:
                 raise SampleError(entry.annotation_file, f"{obj.where}: the object has zero area")
         labels = np.array([self._label_index.get(o.label, -1) for o in entry.objects], dtype=np.int64)
-        keep = masks.reshape(len(masks), -1).sum(axis=1) >= self.min_mask_area
+        keep = np.flatnonzero(areas >= self.min_mask_area)
         return {
             "image": image,
-            "masks": masks[keep],
+            "masks": masks.subset(keep),
             "image_id": self.image_id(entry),
             "labels": labels[keep],
         }
+
+    def load_sample(self, index: int) -> dict:
+        """The untransformed sample: image uint8 (H, W, 3), masks bool (K, H, W), image_id, labels."""
+        return decoded(self.load_encoded_sample(index))

@@ -134,7 +134,8 @@ class VocInstanceDataset(AnnotatedImageDataset):
             entry.objects.append(AnnotatedObject([], self.classes[value - 1], f"object {index}", value=index))
         return entry
 
-    def load_sample(self, index: int) -> dict:
+    def load_encoded_sample(self, index: int) -> dict:
+        """The untransformed sample (dense masks: the label map is the encoding)."""
         entry = self.entries[index]
         if entry.problems:
             raise SampleError(entry.annotation_file, "; ".join(entry.problems))
