@@ -25,7 +25,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from bench.common import synthetic_batch, timed
 from samtrain.data.embedding_cache import CachedEmbeddingDataset, ensure_embedding_cache
-from samtrain.lightning.sam_module import PromptRecipe, SamModule
+from samtrain.interactive.simulate import PromptRecipe
+from samtrain.lightning.sam_module import SamModule
 from samtrain.models import build_sam
 
 

@@ -12,8 +12,8 @@ turns in every timing round. Three measurements:
 3. the full training step of SAM's recipe: encoder, first prompt point or box, 8 error-click
    passes and 2 mask-only passes with mask feedback, multimask output for single-point prompts,
    20 * focal + dice on the best output, IoU MSE, backward, AdamW step. samtrain's side is
-   ``SamModule.interactive_loss``. The official side is the same recipe written the way users
-   fine-tune with the official modules: per image and per prompt kind (point-first or box-first
+   ``SamModule.interactive_loss``. The official side is ``simulate_interaction`` with a decode
+   callable written the way users fine-tune with the official modules (:class:`OfficialDecoder`): per image and per prompt kind (point-first or box-first
    masks), ``prompt_encoder(points, boxes, masks)`` then ``mask_decoder(image_embeddings=emb[i:i+1],
    ...)``. Both sides use samtrain's prompt sampler and samtrain's loss with the same generators,
    so they draw the same prompts and only the model path differs.
@@ -43,10 +43,12 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-import samtrain.lightning.sam_module as sam_module
+import samtrain.interactive.simulate as simulate
 from bench.common import FunctionClock, synthetic_batch
 from bench.mae import time_steps
 from bench.run import SAMPLERS
+from samtrain.frame import valid_regions
+from samtrain.interactive.simulate import Interaction, PromptRecipe, Prompts, simulate_interaction
 from samtrain.lightning.sam_module import SamModule
 from samtrain.models import build_sam, export_sam_checkpoint
 from samtrain.models.sam.prompt_encoder import POSITIVE
@@ -190,28 +192,27 @@ class EncoderTimer:
         return seconds
 
 
-class OfficialModule(SamModule):
-    """SamModule's recipe (sampler, schedule, feedback, loss) with the model path swapped for the
-    official modules: per image and prompt kind, ``prompt_encoder(points, boxes, masks)`` then the
-    official ``MaskDecoder.predict_masks`` (all four outputs, as ``decode_masks`` returns; its
-    ``forward`` is this and a slice) on ``emb[i:i+1]``, which it repeats for each prompt."""
+class OfficialDecoder:
+    """The decode callable of ``simulate_interaction`` written the way users fine-tune with the
+    official modules: per image and prompt kind (point-first or box-first masks),
+    ``prompt_encoder(points, boxes, masks)`` then the official ``MaskDecoder.predict_masks`` (all four
+    outputs, as ``decode_masks`` returns; its ``forward`` is this and a slice) on ``emb[i:i+1]``,
+    which it repeats for each prompt. The masks are grouped at the first call (pass 0 fixes each
+    mask's prompt kind)."""
 
-    def image_embeddings(self, batch: dict) -> torch.Tensor:
-        self._calls = None  # a new batch: regroup its masks at the first pass
-        return super().image_embeddings(batch)
+    def __init__(self, sam: torch.nn.Module, embeddings: torch.Tensor, image_indices: torch.Tensor) -> None:
+        self.sam = sam
+        self.embeddings = embeddings
+        self.image_indices = image_indices
+        self.calls = None
 
-    def decoder_image(self, embeddings: torch.Tensor) -> torch.Tensor:
-        # The raw embeddings: the official decoder prepares its input in every call. (So this side
-        # cannot run with decoder_backward_per_pass, which needs a DecoderImage; it never does.)
-        return embeddings
-
-    def _group(self, image_indices: torch.Tensor, labels: torch.Tensor, num_images: int):
+    def group(self, labels: torch.Tensor):
         """[(image, is point-first, mask indices)] and the inverse permutation of their order."""
         is_point = labels[:, 0] == POSITIVE
         calls = []
-        for image in range(num_images):
+        for image in range(self.embeddings.shape[0]):
             for point_kind in (True, False):
-                index = torch.nonzero((image_indices == image) & (is_point == point_kind)).flatten()
+                index = torch.nonzero((self.image_indices == image) & (is_point == point_kind)).flatten()
                 if len(index):
                     calls.append((image, point_kind, index))
         order = torch.cat([c[2] for c in calls])
@@ -219,12 +220,12 @@ class OfficialModule(SamModule):
         inverse[order] = torch.arange(len(order), device=order.device)
         return calls, inverse
 
-    def decoder_pass(self, embeddings, image_indices, state):
-        sam = self.net
-        coords, labels = state.coords, state.labels
-        if self._calls is None:
-            self._calls = self._group(image_indices, labels, embeddings.shape[0])
-        calls, inverse = self._calls
+    def __call__(self, prompts: Prompts) -> tuple[torch.Tensor, torch.Tensor]:
+        sam = self.sam
+        coords, labels = prompts.coords, prompts.labels
+        if self.calls is None:
+            self.calls = self.group(labels)
+        calls, inverse = self.calls
         image_pe = sam.prompt_encoder.get_dense_pe()
         low_res, iou_pred = [], []
         for image, point_kind, index in calls:
@@ -237,23 +238,37 @@ class OfficialModule(SamModule):
             else:  # [box corners, clicks...]
                 points = (c[:, 2:], lab[:, 2:]) if c.shape[1] > 2 else None
                 boxes = c[:, :2].reshape(-1, 4)
-            masks = None if state.mask_input is None else state.mask_input[index]
+            masks = None if prompts.mask_input is None else prompts.mask_input[index]
             sparse, dense = sam.prompt_encoder(points=points, boxes=boxes, masks=masks)
             low, iou = sam.mask_decoder.predict_masks(
-                image_embeddings=embeddings[image : image + 1],
+                image_embeddings=self.embeddings[image : image + 1],
                 image_pe=image_pe,
                 sparse_prompt_embeddings=sparse,
                 dense_prompt_embeddings=dense,
             )
             low_res.append(low)
             iou_pred.append(iou)
-        logits, iou_pred = torch.cat(low_res)[inverse], torch.cat(iou_pred)[inverse]
-        return logits, iou_pred, sam_module.output_candidates(labels, logits.shape[1])
+        return torch.cat(low_res)[inverse], torch.cat(iou_pred)[inverse]
+
+
+def official_interaction(sam: torch.nn.Module, batch: dict, *, seed: int = 0, step: int = 0) -> Interaction:
+    """SAM's recipe (``simulate_interaction``: sampler, schedule, feedback, loss) through the official
+    modules, with exactly the arguments ``SamModule.interactive_loss`` passes for this batch."""
+    image_indices = batch["mask_image_index"]
+    embeddings = sam.image_encoder(batch["image"])  # the batch's images are normalised and padded
+    return simulate_interaction(
+        OfficialDecoder(sam, embeddings, image_indices),
+        batch["masks"],
+        valid=valid_regions(batch["input_size"], sam.image_encoder.img_size)[image_indices],
+        mask_keys=SamModule.batch_mask_keys(batch),
+        seed=seed,
+        step=step,
+    )
 
 
 class StepRunner:
     """One side's full training step (``interactive_loss``, backward, AdamW), with its breakdown
-    recorded per call. The sampler and the loss are timed where ``samtrain.lightning.sam_module`` calls them."""
+    recorded per call. The sampler and the loss are timed where ``samtrain.interactive.simulate`` calls them."""
 
     def __init__(self, side: str, net: torch.nn.Module, batch: dict, cfg: Config) -> None:
         self.device = torch.device(cfg.device)
@@ -261,10 +276,8 @@ class StepRunner:
         self.sync = sync_fn(self.device)
         self.batch_host = batch
         self.net = net.to(self.device)
-        module_class = OfficialModule if side == "official" else SamModule
-        self.module = module_class(net=self.net, optimizer=functools.partial(torch.optim.AdamW)).to(
-            self.device
-        )
+        self.side = side
+        self.module = SamModule(net=self.net, optimizer=functools.partial(torch.optim.AdamW)).to(self.device)
         self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr)
         self.encoder_timer = EncoderTimer(self.net.image_encoder, self.sync)
         self.records: list[dict[str, float]] = []
@@ -276,10 +289,13 @@ class StepRunner:
         start = time.perf_counter()
         with clock.time("data"):
             batch = to_device(self.batch_host, self.device)
-        sampler = FunctionClock(sam_module, SAMPLERS, self.sync)
-        loss_clock = FunctionClock(sam_module, ("sam_loss",), self.sync)
+        sampler = FunctionClock(simulate, SAMPLERS, self.sync)
+        loss_clock = FunctionClock(simulate, ("sam_loss",), self.sync)
         with sampler.installed(), loss_clock.installed(), autocast(self.cfg):
-            loss, _ = self.module.interactive_loss(batch)
+            if self.side == "official":
+                loss = official_interaction(self.net, batch).loss
+            else:
+                loss, _ = self.module.interactive_loss(batch)
         clock.seconds["sampler"] += sampler.seconds
         clock.seconds["loss"] += loss_clock.seconds
         loss.backward()
@@ -478,7 +494,7 @@ def run(cfg: Config) -> Results:
     sync = sync_fn(device)
     threads = torch.get_num_threads()
     batch = synthetic_batch(cfg.images, cfg.masks, cfg.image_size)
-    passes = 1 + sam_module.PromptRecipe().num_click_passes + sam_module.PromptRecipe().num_mask_only_passes
+    passes = 1 + PromptRecipe().num_click_passes + PromptRecipe().num_mask_only_passes
 
     with tempfile.TemporaryDirectory() as tmp:
         weights = Path(tmp) / "weights.pth"

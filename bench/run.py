@@ -13,7 +13,7 @@ import platform
 
 import torch
 
-import samtrain.lightning.sam_module as sam_module
+import samtrain.interactive.simulate as simulate
 from bench.common import FunctionClock, synthetic_batch, timed
 from samtrain.lightning.sam_module import SamModule
 from samtrain.models import build_sam
@@ -26,7 +26,7 @@ class SamplerClock(FunctionClock):
     """Accumulates the wall time spent inside samtrain's prompt sampling functions."""
 
     def __init__(self) -> None:
-        super().__init__(sam_module, SAMPLERS)
+        super().__init__(simulate, SAMPLERS)
 
 
 def bench_case(variant: str, image_size: int, batch_size: int, masks: int, repeats: int) -> dict:

@@ -69,7 +69,9 @@ def upsample_logits(low_res_logits: torch.Tensor, image_size: int) -> torch.Tens
     return up.reshape(*lead, *up.shape[-3:])
 
 
-def masks_in_frame(low_res_logits: torch.Tensor, regions: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
+def masks_in_frame(
+    low_res_logits: torch.Tensor, regions: torch.Tensor, threshold: float = 0.0
+) -> torch.Tensor:
     """(N, 1, S/4, S/4) logits -> (N, S, S) bool masks in the model-input frame: upsampled logits
     above ``threshold``, False outside each mask's valid region ``regions`` (N, S, S)."""
     logits = upsample_logits(low_res_logits, regions.shape[-1])

@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 
 from samtrain.frame import PIXEL_MEAN, PIXEL_STD
+from samtrain.models.sam.prompt_encoder import NEGATIVE, POSITIVE
 
 __all__ = [
     "BACKGROUND_COLOR",
@@ -181,10 +182,10 @@ def draw_clicks(
         radius = max(3, round(min(image.shape[:2]) / 40))
     out = image.copy()
     for (x, y), label in zip(points, labels, strict=True):
-        if label not in (0, 1):
+        if label not in (NEGATIVE, POSITIVE):
             continue
         center = (round(float(x)), round(float(y)))
-        color = POSITIVE_COLOR if label == 1 else NEGATIVE_COLOR
+        color = POSITIVE_COLOR if label == POSITIVE else NEGATIVE_COLOR
         cv2.circle(out, center, radius, OUTLINE_COLOR, -1, cv2.LINE_AA)
         cv2.circle(out, center, max(1, radius - 1), color, -1, cv2.LINE_AA)
     return out

@@ -7,7 +7,8 @@ import pytest
 import pytorch_lightning as pl
 
 from samtrain.data import SamDataModule
-from samtrain.lightning.sam_module import PromptRecipe, SamModule
+from samtrain.interactive.simulate import PromptRecipe
+from samtrain.lightning.sam_module import SamModule
 from tests.conftest import CONF
 from tests.data_builders import data_overrides
 

@@ -23,14 +23,6 @@ def takes_sample_seeds(dataset: Dataset) -> bool:
     return bool(getattr(dataset, "accepts_sample_seeds", False))
 
 
-def set_stream_epoch(trainer) -> None:
-    """Tells a streaming train dataset the epoch (Lightning does this for samplers only); call it in
-    ``on_train_epoch_start``. The stream's order and augmentation seeds follow the epoch."""
-    dataset = getattr(trainer.train_dataloader, "dataset", None)
-    if isinstance(dataset, IterableDataset) and hasattr(dataset, "set_epoch"):
-        dataset.set_epoch(trainer.current_epoch)
-
-
 class IgnoreSampleSeeds(Dataset):
     """Lets a plain map-style dataset take the sampler's ``(index, seed)`` keys (the seed is unused)."""
 
@@ -56,13 +48,16 @@ def worker_generator(seed: int, rank: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed + 1_000_003 * rank) % 2**63)
 
 
-def sharded_loader(dataset: Dataset, trainer, *, seed: int, train: bool, **loader_args) -> StatefulDataLoader:
+def sharded_loader(
+    dataset: Dataset, *, seed: int, train: bool, even: bool, **loader_args
+) -> StatefulDataLoader:
     """A ``StatefulDataLoader`` over this rank's share of a map-style dataset.
 
     A :class:`SeededShardSampler` orders each epoch (shuffled by ``(seed, epoch)`` for training, in
-    order otherwise) and hands each sample its seed. Training epochs are cut to a multiple of the
-    world size so every rank runs as many steps; validation is too under a sharded model (FSDP),
-    whose ranks must run each forward pass in step (up to W - 1 samples are then left out). A
+    order otherwise) and hands each sample its seed. With ``even`` the epoch is cut to a multiple of
+    the world size so every rank runs as many steps: training always needs it, validation under a
+    sharded model (FSDP), whose ranks must run each forward pass in step (up to W - 1 samples are
+    then left out). A
     dataset that does not take ``(index, seed)`` keys is wrapped in :class:`IgnoreSampleSeeds`.
     Samples raising ``SampleError`` become None (``SkipBadSamples``): the ``collate_fn`` in
     ``loader_args`` drops and counts them.
@@ -70,7 +65,6 @@ def sharded_loader(dataset: Dataset, trainer, *, seed: int, train: bool, **loade
     rank, world_size = distributed.rank(), distributed.world_size()
     if not takes_sample_seeds(dataset):
         dataset = IgnoreSampleSeeds(dataset)
-    even = train or distributed.is_sharded(trainer)
     sampler = SeededShardSampler(
         len(dataset), seed=seed, shuffle=train, rank=rank, world_size=world_size, even=even
     )
@@ -204,13 +198,13 @@ class SamDataModule(LightningDataModule):
             "generator": worker_generator(seed, distributed.rank()),
         }
         if isinstance(dataset, IterableDataset):
-            # Fresh workers each epoch: they receive the epoch set by set_stream_epoch.
+            # Fresh workers each epoch: they receive the epoch SamModule sets on the stream.
             return StatefulDataLoader(dataset, persistent_workers=False, **loader_args)
         return sharded_loader(
             dataset,
-            self.trainer,
             seed=seed,
             train=train,
+            even=train or distributed.is_sharded(self.trainer),
             persistent_workers=self.persistent_workers and self.num_workers > 0,
             **loader_args,
         )

@@ -218,9 +218,9 @@ class MaeDataModule(pl.LightningDataModule):
         share = len(dataset) // distributed.world_size()  # each rank's share of an epoch
         return sharded_loader(
             dataset,
-            self.trainer,
             seed=seed,
             train=train,
+            even=train or distributed.is_sharded(self.trainer),
             batch_size=batch_size,
             drop_last=train and self.drop_last and share >= batch_size,
             collate_fn=collate_image_batch,

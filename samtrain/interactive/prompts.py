@@ -20,15 +20,7 @@ import numpy as np
 import torch
 
 from samtrain.interactive.keyed_random import KeyedRandom, hash_keys, mix_seed
-
-# The label convention is the prompt encoder's.
-from samtrain.models.sam.prompt_encoder import (
-    BOX_BOTTOM_RIGHT as LABEL_BOX_BOTTOM_RIGHT,
-    BOX_TOP_LEFT as LABEL_BOX_TOP_LEFT,
-    NEGATIVE as LABEL_NEGATIVE,
-    PADDING as LABEL_PAD,
-    POSITIVE as LABEL_POSITIVE,
-)
+from samtrain.models.sam.prompt_encoder import BOX_BOTTOM_RIGHT, BOX_TOP_LEFT, NEGATIVE, PADDING, POSITIVE
 
 __all__ = [
     "click_schedule",
@@ -264,8 +256,8 @@ def sample_initial_prompts(
     )
     coords = torch.where(is_point[:, None, None], point_coords, boxes.view(n, 2, 2))
 
-    point_labels = torch.tensor([LABEL_POSITIVE, LABEL_PAD], device=masks.device)
-    box_labels = torch.tensor([LABEL_BOX_TOP_LEFT, LABEL_BOX_BOTTOM_RIGHT], device=masks.device)
+    point_labels = torch.tensor([POSITIVE, PADDING], device=masks.device)
+    box_labels = torch.tensor([BOX_TOP_LEFT, BOX_BOTTOM_RIGHT], device=masks.device)
     labels = torch.where(is_point[:, None], point_labels, box_labels)
     return coords, labels
 
@@ -380,11 +372,11 @@ def _center_click(gt: np.ndarray, pred: np.ndarray) -> tuple[int, int]:
     fn_max, fn_index = _padded_distance_max(gt & ~pred)
     fp_max, fp_index = _padded_distance_max(~gt & pred)
     if fn_max > fp_max:
-        return fn_index, LABEL_POSITIVE
+        return fn_index, POSITIVE
     if fp_max > 0:
-        return fp_index, LABEL_NEGATIVE
+        return fp_index, NEGATIVE
     bg_max, bg_index = _padded_distance_max(~gt)  # no error: click the background
-    return (bg_index if bg_max > 0 else 0), LABEL_NEGATIVE
+    return (bg_index if bg_max > 0 else 0), NEGATIVE
 
 
 def _error_points_center(gt: torch.Tensor, pred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,135 +1,42 @@
-"""SamModule: SAM's interactive training recipe as a LightningModule (SAM paper, appendix A).
+"""SamModule: the Lightning runner of SAM's interactive training recipe (SAM paper, appendix A).
 
-One step: the encoder runs once per image; then 1 + 8 + 2 decoder passes run over every mask of
-the batch at once, each mask reading its own image's embedding. Pass 0 uses the first prompt
-(a point or a box); 8 passes add a click from the error region; 2 add none. Every pass after
-the first feeds back the previous low-res logits as the mask prompt.
+One step: the encoder runs once per image (or the batch brings cached embeddings); then
+:func:`samtrain.interactive.simulate.simulate_interaction` runs the 1 + 8 + 2 decoder passes over
+every mask of the batch at once, through :meth:`SamModule.decoder`, each mask reading its own
+image's embedding. This module adds what a run needs around it: freezing, activation
+checkpointing, per-pass backward, the loss normaliser across ranks, validation, optimisation.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from functools import partial
 
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from pytorch_lightning.strategies import FSDPStrategy
 from pytorch_lightning.trainer.states import TrainerFn
 from torch.utils.checkpoint import checkpoint
+from torch.utils.data import IterableDataset
 
-from samtrain.data.datamodule import set_stream_epoch
 from samtrain.distributed import refuse_empty_batch_if_sharded, world_size
-from samtrain.frame import masks_in_frame, valid_regions
-from samtrain.interactive.losses import SamLoss, sam_loss
+from samtrain.frame import valid_regions
 from samtrain.interactive.metrics import InteractiveMetrics
-from samtrain.interactive.prompts import (
-    click_schedule,
-    mask_keys,
-    sample_error_points,
-    sample_initial_prompts,
-    step_generators,
-)
+from samtrain.interactive.per_pass_backward import PerPassBackward
+from samtrain.interactive.prompts import mask_keys
 from samtrain.interactive.protocols import evaluate_batch
+from samtrain.interactive.simulate import Decode, LossWeights, PromptRecipe, Prompts, simulate_interaction
 from samtrain.lightning.fault_tolerance import load_pending_loader_state, zero_loss
 from samtrain.lightning.optim import build_scheduler, sam_param_groups
 from samtrain.models.lora import has_lora
 from samtrain.models.sam.image_encoder import set_encoder_checkpointing
 from samtrain.models.sam.mask_decoder import DecoderImage
 from samtrain.models.sam.model import Sam
-from samtrain.models.sam.prompt_encoder import BOX_TOP_LEFT, NEGATIVE, POSITIVE
 
 SAM_PARTS = ("image_encoder", "prompt_encoder", "mask_decoder")
 VAL_RUNS_KEY = "samtrain_val_runs"  # checkpoint entry: the validation runs of the fit so far
-
-
-@dataclass
-class PromptRecipe:
-    """How prompts are simulated during training (defaults: the SAM paper)."""
-
-    point_prob: float = 0.5
-    box_noise_std: float = 0.1
-    box_noise_max: float = 20.0
-    num_click_passes: int = 8
-    num_mask_only_passes: int = 2
-    # Probability that a step's first pass also receives each mask's ground truth as the mask
-    # prompt (a structural choice: the same on every rank).
-    gt_mask_prob: float = 0.0
-
-
-@dataclass
-class LossWeights:
-    focal: float = 20.0
-    dice: float = 1.0
-    iou: float = 1.0
-    iou_supervision: str = "all"
-    # False: low-res logits against downsampled targets (SAM); True: logits upsampled to S.
-    full_resolution: bool = False
-
-
-GT_MASK_LOGIT = 10.0  # magnitude of the logits that stand for a ground-truth mask prompt
-
-
-def masks_to_prompt_logits(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Ground-truth masks (N, S, S) bool -> mask-prompt logits (N, 1, S/4, S/4) in [-10, 10],
-    from the area fraction each low-res cell covers."""
-    fraction = F.interpolate(masks[:, None].float(), size=size, mode="area")
-    return (2 * fraction - 1) * GT_MASK_LOGIT
-
-
-@dataclass
-class PassState:
-    """The prompts of every mask after a decoder pass."""
-
-    coords: torch.Tensor  # (N, T, 2)
-    labels: torch.Tensor  # (N, T)
-    mask_input: torch.Tensor | None  # (N, 1, S/4, S/4) chosen logits of the last pass, detached
-    pred_masks: torch.Tensor | None  # (N, S, S) bool
-
-
-class PerPassBackward:
-    """Backpropagates each decoder pass as soon as its loss is known, so that only one pass's
-    activations are alive at a time, with no recomputation.
-
-    The passes read the prepared image (its embeddings and projected positional encoding)
-    through detached leaves. Each pass's gradients (of the trainable decoder-side parameters and
-    of those leaves) are added up with ``torch.autograd.grad``, which leaves ``.grad`` and DDP's
-    hooks untouched; :meth:`surrogate` then returns a scalar whose gradient is exactly their sum,
-    so the one backward pass that Lightning runs (DDP's reduction, clipping, accumulation as
-    usual) also carries the share of the encoder and of the positional projections.
-    """
-
-    def __init__(self, params, image: DecoderImage, weight: float) -> None:
-        self.params = [p for p in params if p.requires_grad]
-        self.prepared = [t for t in image.tensors() if t.requires_grad]
-        leaves = [t.detach().requires_grad_(t.requires_grad) for t in image.tensors()]
-        self.image = DecoderImage.from_tensors(leaves)
-        self.inputs = self.params + [t for t in leaves if t.requires_grad]
-        self.sums = [torch.zeros_like(t) for t in self.inputs]
-        self.weight = weight
-
-    def backward(self, loss: torch.Tensor) -> None:
-        """Adds the gradients of ``weight * loss`` and frees the pass's graph."""
-        grads = torch.autograd.grad(loss * self.weight, self.inputs, allow_unused=True)
-        for total, grad in zip(self.sums, grads, strict=True):
-            if grad is not None:
-                total.add_(grad)
-
-    def surrogate(self) -> torch.Tensor:
-        """A scalar whose gradient is the summed gradients (its value means nothing)."""
-        through = self.params + self.prepared
-        return torch.stack([(t * g).sum() for t, g in zip(through, self.sums, strict=True)]).sum()
-
-
-def output_candidates(labels: torch.Tensor, num_outputs: int) -> torch.Tensor:
-    """labels (N, T) -> (N, num_outputs) bool: the multimask outputs (1:) for a single-point
-    prompt, the single-mask output (0) for everything else."""
-    is_click = (labels == NEGATIVE) | (labels == POSITIVE)
-    single_point = (is_click.sum(1) == 1) & ~(labels >= BOX_TOP_LEFT).any(1)
-    is_multi = torch.arange(num_outputs, device=labels.device) > 0
-    return torch.where(single_point[:, None], is_multi, ~is_multi)
 
 
 class SamModule(pl.LightningModule):
@@ -246,117 +153,53 @@ class SamModule(pl.LightningModule):
             count /= world_size()
         return count.clamp(min=1.0)
 
-    def decoder_pass(
-        self, image: DecoderImage, image_indices: torch.Tensor, state: PassState
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One pass over all masks -> logits (N, 4, S/4, S/4), iou_pred (N, 4), candidates (N, 4)."""
+    def decoder(self, image: DecoderImage, image_indices: torch.Tensor) -> Decode:
+        """The decode callable of the simulated interaction: every mask's prompts through the prompt
+        encoder and the mask decoder at once, each mask reading its own image (``image_indices``)."""
         decode = self.net.decode_masks
         if self.decoder_checkpointing and torch.is_grad_enabled():
             decode = partial(checkpoint, decode, use_reentrant=False)
-        # The prompts carry their own padding (a point is [point, pad], a box its two corners), so
-        # each mask's tokens are exactly those the official predictor builds for the same prompt.
-        logits, iou_pred = decode(
-            image,
-            points=(state.coords, state.labels),
-            mask_inputs=state.mask_input,
-            image_indices=image_indices,
-            pad_points=False,
-        )
-        return logits, iou_pred, output_candidates(state.labels, logits.shape[1])
 
-    def feedback(
-        self, logits: torch.Tensor, iou_pred: torch.Tensor, candidates: torch.Tensor, valid: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The output each mask continues from (highest predicted IoU among its candidates):
-        its detached logits (N, 1, S/4, S/4) and its binary mask (N, S, S) inside the image."""
-        best = iou_pred.detach().masked_fill(~candidates, float("-inf")).argmax(1)
-        chosen = logits.detach()[torch.arange(len(best), device=best.device), best].unsqueeze(1)
-        return chosen, masks_in_frame(chosen, valid)
+        def run(prompts: Prompts) -> tuple[torch.Tensor, torch.Tensor]:
+            # The prompts carry their own padding (a point is [point, pad], a box its two corners), so
+            # each mask's tokens are exactly those the official predictor builds for the same prompt.
+            return decode(
+                image,
+                points=(prompts.coords, prompts.labels),
+                mask_inputs=prompts.mask_input,
+                image_indices=image_indices,
+                pad_points=False,
+            )
+
+        return run
 
     def interactive_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The whole simulated interaction of one batch -> (loss, logs)."""
+        """The whole simulated interaction of one batch (``simulate_interaction``) -> (loss, logs)."""
         gt = batch["masks"]
         image_indices = batch["mask_image_index"]
-        structural, per_mask = step_generators(self.seed, self.global_step, self.batch_mask_keys(batch))
-        num_masks = self.num_masks_across_ranks(gt.shape[0])
-        valid = valid_regions(batch["input_size"], self.net.image_size)[image_indices]
         image = self.decoder_image(self.image_embeddings(batch))
-
-        recipe = self.prompts
-        coords, labels = sample_initial_prompts(
-            gt,
-            point_prob=recipe.point_prob,
-            generator=per_mask,
-            box_noise_std=recipe.box_noise_std,
-            box_noise_max=recipe.box_noise_max,
-        )
-        state = PassState(coords=coords, labels=labels, mask_input=None, pred_masks=None)
-        if (
-            recipe.gt_mask_prob > 0
-            and torch.rand((), generator=structural, device=gt.device) < recipe.gt_mask_prob
-        ):
-            state.mask_input = masks_to_prompt_logits(gt, self.net.prompt_encoder.mask_input_size)
-        schedule = [
-            False,
-            *click_schedule(
-                num_click_passes=recipe.num_click_passes,
-                num_mask_only_passes=recipe.num_mask_only_passes,
-                generator=structural,
-            ),
-        ]
         per_pass = None
         if self.decoder_backward_per_pass and torch.is_grad_enabled():
             decoder_side = [*self.net.prompt_encoder.parameters(), *self.net.mask_decoder.parameters()]
-            per_pass = PerPassBackward(decoder_side, image, weight=1.0 / len(schedule))
+            per_pass = PerPassBackward(decoder_side, image, weight=1.0 / self.passes_per_step)
             image = per_pass.image
-        results: list[SamLoss] = []
-        for adds_click in schedule:
-            if adds_click:
-                point, label = sample_error_points(
-                    gt, state.pred_masks, method="uniform", generator=per_mask, valid=valid
-                )
-                state.coords = torch.cat([state.coords, point], dim=1)
-                state.labels = torch.cat([state.labels, label], dim=1)
-            logits, iou_pred, candidates = self.decoder_pass(image, image_indices, state)
-            result = self.pass_loss(logits, iou_pred, gt, candidates, num_masks)
-            if per_pass is not None:
-                per_pass.backward(result.loss)
-                result.loss = result.loss.detach()
-            results.append(result)
-            state.mask_input, state.pred_masks = self.feedback(logits, iou_pred, candidates, valid)
-
-        loss = torch.stack([r.loss for r in results]).mean()
-        logs = {
-            "loss": loss.detach(),
-            "focal": torch.stack([r.focal for r in results]).mean(),
-            "dice": torch.stack([r.dice for r in results]).mean(),
-            "iou_mse": torch.stack([r.iou for r in results]).mean(),
-            "mIoU_first": self.chosen_iou(results[0]),
-            "mIoU_last": self.chosen_iou(results[-1]),
-        }
-        return (loss if per_pass is None else per_pass.surrogate()), logs
-
-    def pass_loss(self, logits, iou_pred, gt, candidates, num_masks) -> SamLoss:
-        w = self.loss_weights
-        if w.full_resolution:
-            logits = F.interpolate(logits, size=gt.shape[-2:], mode="bilinear", align_corners=False)
-        return sam_loss(
-            logits,
-            iou_pred,
+        result = simulate_interaction(
+            self.decoder(image, image_indices),
             gt,
-            valid=candidates,
-            focal_weight=w.focal,
-            dice_weight=w.dice,
-            iou_weight=w.iou,
-            iou_supervision=w.iou_supervision,
-            num_masks=num_masks,
+            valid=valid_regions(batch["input_size"], self.net.image_size)[image_indices],
+            mask_keys=self.batch_mask_keys(batch),
+            seed=self.seed,
+            step=self.global_step,
+            recipe=self.prompts,
+            loss_weights=self.loss_weights,
+            num_masks=self.num_masks_across_ranks(gt.shape[0]),
+            backward_pass=None if per_pass is None else per_pass.backward,
         )
+        return (result.loss if per_pass is None else per_pass.surrogate()), result.logs
 
-    @staticmethod
-    def chosen_iou(result: SamLoss) -> torch.Tensor:
-        if result.true_iou.numel() == 0:
-            return result.true_iou.new_zeros(())
-        return result.true_iou.gather(1, result.chosen[:, None]).mean()
+    @property
+    def passes_per_step(self) -> int:
+        return 1 + self.prompts.num_click_passes + self.prompts.num_mask_only_passes
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         if "masks" not in batch:  # every sample of the batch was unreadable (counted by SkippedSamplesBudget)
@@ -390,7 +233,11 @@ class SamModule(pl.LightningModule):
         load_pending_loader_state(self.trainer)
 
     def on_train_epoch_start(self) -> None:
-        set_stream_epoch(self.trainer)
+        """Tells a streaming train dataset the epoch (Lightning does this for samplers only): the
+        stream's shard order and augmentation seeds follow it."""
+        dataset = getattr(self.trainer.train_dataloader, "dataset", None)
+        if isinstance(dataset, IterableDataset) and hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(self.current_epoch)
 
     # ------------------------------------------------------------------ validation
 

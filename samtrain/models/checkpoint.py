@@ -151,7 +151,9 @@ def load_sam_checkpoint(model: nn.Module, path: str | Path, *, strict: bool = Tr
     return report
 
 
-def write_state_dict(state: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+def write_state_dict(
+    state: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
+) -> Path:
     """Write tensors to ``path`` (safetensors when the suffix says so, else ``torch.save``) through a
     temporary file beside it, renamed into place: a reader never sees a half-written file."""
     path = Path(path)

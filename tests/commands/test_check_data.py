@@ -77,7 +77,16 @@ def test_console_script_exit_status(tmp_path):
     make_sa1b_folder(tmp_path, range(2))
     (tmp_path / "sa_000000" / "sa_0.jpg").write_bytes(b"\xff\xd8\xff")
     run = subprocess.run(
-        [sys.executable, "-m", "samtrain.commands.cli", "check-data", "--format", "sa1b", "--path", str(tmp_path)],
+        [
+            sys.executable,
+            "-m",
+            "samtrain.commands.cli",
+            "check-data",
+            "--format",
+            "sa1b",
+            "--path",
+            str(tmp_path),
+        ],
         capture_output=True,
         text=True,
         cwd=ROOT,

@@ -46,7 +46,11 @@ def test_help_lists_the_subcommands(capsys):
 
 def test_module_help_runs_without_importing_torch():
     help_ = subprocess.run(
-        [sys.executable, "-m", "samtrain.commands.cli", "--help"], capture_output=True, text=True, cwd=ROOT, timeout=60
+        [sys.executable, "-m", "samtrain.commands.cli", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
     )
     assert help_.returncode == 0, help_.stderr
     assert "eval" in help_.stdout and "train" in help_.stdout

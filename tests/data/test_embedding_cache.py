@@ -18,7 +18,8 @@ from samtrain.data.embedding_cache import (
     ensure_embedding_cache,
 )
 from samtrain.data.errors import SampleError, SkipBadSamples
-from samtrain.lightning.sam_module import PromptRecipe, SamModule
+from samtrain.interactive.simulate import PromptRecipe
+from samtrain.lightning.sam_module import SamModule
 from samtrain.models import build_sam
 from tests.conftest import ROOT
 

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
-from torch.utils.data import IterableDataset
 
-from samtrain.data.datamodule import set_stream_epoch
 from samtrain.data.sampler import SeededShardSampler
 
 
@@ -50,20 +46,3 @@ def test_order_and_seeds_follow_the_epoch():
 def test_bad_rank():
     with pytest.raises(ValueError, match="rank"):
         SeededShardSampler(4, seed=0, shuffle=True, rank=2, world_size=2)
-
-
-class Stream(IterableDataset):
-    epoch = None
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        return iter(())
-
-
-def test_streams_are_told_the_epoch():
-    stream = Stream()
-    trainer = SimpleNamespace(train_dataloader=SimpleNamespace(dataset=stream), current_epoch=3)
-    set_stream_epoch(trainer)
-    assert stream.epoch == 3

@@ -195,6 +195,7 @@ def test_fit_skips_and_counts_an_unreadable_image(tmp_path):
 
 def test_a_batch_without_readable_images_is_skipped(monkeypatch):
     module = MaeModule(net=tiny_net(32))
+    module._trainer = SimpleNamespace(strategy=None)
     logged = []
     monkeypatch.setattr(module, "log", lambda *args, **kwargs: logged.append(args))
     assert module.training_step({"num_skipped": 4}, 0) is None
@@ -206,6 +207,7 @@ def test_an_empty_batch_under_ddp_still_reduces_zero_gradients(monkeypatch):
     """A DDP rank without data must still join the gradient all-reduce, adding nothing to it."""
     monkeypatch.setattr(mae_module, "world_size", lambda: 2)
     module = MaeModule(net=tiny_net(32))
+    module._trainer = SimpleNamespace(strategy=None)
     loss = module.training_step({"num_skipped": 4}, 0)
     loss.backward()
     grads = [p.grad for p in module.parameters() if p.requires_grad]

@@ -10,10 +10,13 @@ import hydra
 import pytest
 import torch
 from pytorch_lightning.trainer.states import TrainerFn
+from torch.utils.data import IterableDataset
 
-import samtrain.lightning.sam_module as sam_module
+import samtrain.interactive.simulate as simulate
 from samtrain.frame import valid_regions
-from samtrain.lightning.sam_module import PassState, output_candidates
+from samtrain.interactive.simulate import Prompts
+from samtrain.lightning.sam_module import SamModule
+from samtrain.models import build_sam
 
 EXPECTED_LOSSES = Path(__file__).resolve().parents[1] / "fixtures" / "expected_losses.json"
 
@@ -22,20 +25,6 @@ def first_batch(cfg):
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.setup("fit")
     return next(iter(datamodule.train_dataloader()))
-
-
-def test_output_candidates():
-    labels = torch.tensor([[1, -1, -1], [2, 3, -1], [1, -1, 0], [2, 3, 1], [0, -1, -1]])
-    expected = torch.tensor(
-        [
-            [False, True, True, True],  # one positive point: the multimask outputs
-            [True, False, False, False],  # a box
-            [True, False, False, False],  # two points
-            [True, False, False, False],  # box and a click
-            [False, True, True, True],  # one negative point is still a single point
-        ]
-    )
-    assert torch.equal(output_candidates(labels, 4), expected)
 
 
 @pytest.mark.parametrize("freeze", [[], ["image_encoder"], ["image_encoder", "prompt_encoder"]])
@@ -90,14 +79,14 @@ def test_training_clicks_on_a_perfect_prediction_stay_inside_the_image(tiny_cfg,
         "input_size": torch.tensor([[40, 48], [64, 32]]),  # (h, w): padding right and below
     }
     # Every pass's prediction is the ground truth: each click is the "no error" fallback.
-    monkeypatch.setattr(module, "feedback", lambda logits, *_: (logits[:, :1].detach(), masks))
-    clicks, sample = [], sam_module.sample_error_points
+    monkeypatch.setattr(simulate, "masks_in_frame", lambda logits, valid: masks)
+    clicks, sample = [], simulate.sample_error_points
 
     def recording_sampler(*args, **kwargs):
         clicks.append(sample(*args, **kwargs))
         return clicks[-1]
 
-    monkeypatch.setattr(sam_module, "sample_error_points", recording_sampler)
+    monkeypatch.setattr(simulate, "sample_error_points", recording_sampler)
     with torch.no_grad():
         module.interactive_loss(batch)
     inside = valid_regions(batch["input_size"], 64)[batch["mask_image_index"]]
@@ -127,6 +116,7 @@ def fake_two_ranks(monkeypatch) -> list[torch.Tensor]:
 
 def test_an_empty_batch_is_skipped_in_a_single_process(tiny_cfg):
     module = hydra.utils.instantiate(tiny_cfg().model)
+    module._trainer = SimpleNamespace(strategy=None)
     assert module.training_step({"num_skipped": 2}, 0) is None
 
 
@@ -134,6 +124,7 @@ def test_an_empty_batch_takes_part_in_every_collective_of_a_ddp_step(tiny_cfg, m
     """A rank whose batch is empty must still all-reduce the mask count, sync the loss log and reduce
     gradients, else the other ranks wait for it forever; it contributes nothing to the update."""
     module = hydra.utils.instantiate(tiny_cfg("model.freeze=[image_encoder]").model)
+    module._trainer = SimpleNamespace(strategy=None)
     reduced = fake_two_ranks(monkeypatch)
     logged = {}
     monkeypatch.setattr(module, "log", lambda name, value, **kwargs: logged.update({name: (value, kwargs)}))
@@ -335,16 +326,15 @@ def test_training_prompts_get_the_tokens_the_official_predictor_builds(tiny_cfg)
     embeddings = torch.randn(1, 256, 4, 4)
     click, point = torch.tensor([[[20.0, 30.0]]]), torch.tensor([[[5.0, 9.0]]])
     box = torch.tensor([[3.0, 4.0, 40.0, 50.0]])
-    state = PassState(
+    prompts = Prompts(
         coords=torch.cat(
             [torch.cat([point, torch.zeros(1, 1, 2), click], 1), torch.cat([box.view(1, 2, 2), click], 1)]
         ),
         labels=torch.tensor([[1, -1, 0], [2, 3, 0]]),
         mask_input=None,
-        pred_masks=None,
     )
     with torch.no_grad():
-        logits, iou, _ = module.decoder_pass(embeddings, torch.zeros(2, dtype=torch.long), state)
+        logits, iou = module.decoder(net.prepare_image(embeddings), torch.zeros(2, dtype=torch.long))(prompts)
         point_first = net.decode_masks(
             embeddings, points=(torch.cat([point, click], 1), torch.tensor([[1, 0]]))
         )
@@ -352,3 +342,21 @@ def test_training_prompts_get_the_tokens_the_official_predictor_builds(tiny_cfg)
     torch.testing.assert_close(logits[:1], point_first[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(logits[1:], box_first[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(iou, torch.cat([point_first[1], box_first[1]]), atol=1e-5, rtol=1e-5)
+
+
+class Stream(IterableDataset):
+    epoch = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        return iter(())
+
+
+def test_streams_are_told_the_epoch():
+    stream = Stream()
+    module = SamModule(net=build_sam("vit_t", image_size=64), optimizer=torch.optim.AdamW)
+    module._trainer = SimpleNamespace(train_dataloader=SimpleNamespace(dataset=stream), current_epoch=3)
+    module.on_train_epoch_start()
+    assert stream.epoch == 3
