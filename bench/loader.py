@@ -1,10 +1,15 @@
-"""Loader benchmark: SA-1B-like samples per second on one worker core (`python -m bench.loader`).
+"""Loader benchmark: samples per second on one worker core (`python -m bench.loader`).
 
 Writes synthetic SA-1B samples (a 1500x2250 JPEG of smooth texture and 100 masks of varied size
 as COCO RLE, written by pycocotools) to a temporary folder and shard, then times one process on
 one thread (what one DataLoader worker does): reading, decoding and transforming to 1024 px
 with SamTransform (train: SAM's large-scale jitter 0.1-2.0, flip, max 64 masks; eval: resize
 only). Prints a Markdown table.
+
+``--formats``: the same scene (a 640x480 JPEG, 20 polygon objects) written as COCO, YOLO,
+labelme, CVAT and VOC, a CT-like NIfTI volume (512x512x32, 20 objects per slice), and a
+4000x3000 image with 500 small objects read in 1024 px crops; each format timed in a fresh
+process (train transform at 1024 px), with that process's peak RSS (see bench/formats.py).
 """
 
 from __future__ import annotations
@@ -98,7 +103,13 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--image-size", type=int, default=1024)
+    parser.add_argument("--formats", action="store_true", help="time every format (bench/formats.py)")
     args = parser.parse_args()
+    if args.formats:
+        from bench import formats
+
+        formats.main(samples=args.samples, rounds=args.rounds, image_size=args.image_size)
+        return
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
     n, size = args.samples, args.image_size

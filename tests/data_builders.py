@@ -15,6 +15,8 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from tests.data import format_fixtures
+
 
 def random_boxes_masks(rng: np.random.Generator, h: int, w: int, k: int) -> np.ndarray:
     """k non-empty masks bool (k, h, w): an ellipse each, some overlapping."""
@@ -168,6 +170,8 @@ def make_semantic_folder(root: Path, n: int, *, h: int = 40, w: int = 56) -> dic
 
 def data_overrides(option: str, root: Path) -> list[str]:
     """Build a tiny dataset for Hydra data option ``option`` under root; the overrides pointing at it."""
+    if option in format_fixtures.FORMATS:
+        return format_fixtures.format_overrides(option, root)
     if option == "coco":
         return [
             f"data.{split}_dataset.{key}=${{paths.data_dir}}/sample/{split}/{name}"

@@ -22,14 +22,30 @@ from hydra import compose, initialize_config_dir
 
 from samtrain import data
 from samtrain.commands.config import config_dir
+from samtrain.data import cvat, labelme, voc, volume, yolo
 from samtrain.data.check import check_dataset
 
-FORMATS = ("coco", "sa1b", "sa1b_tar", "instance_png", "binary_masks", "semantic_masks")
+FORMATS = (
+    "coco",
+    "sa1b",
+    "sa1b_tar",
+    "instance_png",
+    "binary_masks",
+    "semantic_masks",
+    "yolo",
+    "labelme",
+    "cvat",
+    "voc",
+    "volume",
+)
+ANNOTATION_FORMATS = ("yolo", "labelme", "cvat", "voc", "volume")
 
 
 def datasets_from_path(args: argparse.Namespace) -> dict[str, Any]:
     """The dataset named by ``--format`` and ``--path`` (untransformed)."""
     path = Path(args.path)
+    if args.format in ANNOTATION_FORMATS:
+        return annotation_datasets(args.format, path, args.image_dir, args.mask_dir)
     if args.format == "coco":
         image_dir = args.image_dir or path.parent
         return {"coco": data.CocoInstanceDataset(annotation_file=path, image_dir=image_dir)}
@@ -45,6 +61,37 @@ def datasets_from_path(args: argparse.Namespace) -> dict[str, Any]:
     return {"semantic_masks": data.SemanticMaskFolder(**dirs)}
 
 
+def annotation_datasets(
+    format: str, path: Path, image_dir: str | None = None, mask_dir: str | None = None
+) -> dict[str, Any]:
+    """The datasets of ``path`` in one of the ANNOTATION_FORMATS (untransformed): YOLO's splits
+    (data.yaml or its folder), a labelme folder, a CVAT XML (images in ``image_dir``, default
+    ``images/`` beside it or its folder), a VOC year folder (every image), a volume folder
+    (``imagesTr/`` + ``labelsTr/`` as nnU-Net has them, else ``images/`` + ``labels/``)."""
+    if format == "yolo":
+        yaml_file, doc = yolo.read_data_yaml(path)
+        return {
+            split: yolo.YoloSegmentationDataset(data_yaml=yaml_file, split=split)
+            for split in yolo.SPLITS
+            if doc.get(split)
+        }
+    if format == "labelme":
+        return {"labelme": labelme.LabelmeDataset(root=path)}
+    if format == "cvat":
+        default = path.parent / "images" if (path.parent / "images").is_dir() else path.parent
+        return {"cvat": cvat.CvatImagesDataset(annotation_file=path, image_dir=image_dir or default)}
+    if format == "voc":
+        return {"voc": voc.VocInstanceDataset(root=path, image_set=None)}
+    nnunet = (path / "imagesTr").is_dir() and (path / "labelsTr").is_dir()
+    return {
+        "volume": volume.VolumeSliceDataset(
+            image_dir=image_dir or path / ("imagesTr" if nnunet else "images"),
+            label_dir=mask_dir or path / ("labelsTr" if nnunet else "labels"),
+            image_suffix="_0000" if nnunet else "",
+        )
+    }
+
+
 def datasets_from_config(overrides: Sequence[str], splits: Sequence[str]) -> dict[str, Any]:
     """The train/val datasets of the training config's ``data`` group (untransformed)."""
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
@@ -54,6 +101,19 @@ def datasets_from_config(overrides: Sequence[str], splits: Sequence[str]) -> dic
         node = cfg.data.get(f"{split}_dataset")
         if node is not None:
             found[split] = hydra.utils.instantiate(node, transform=None)
+        found.update(named_datasets(cfg.data.get(f"{split}_datasets"), split))
+    return found
+
+
+def named_datasets(nodes: Any, split: str) -> dict[str, Any]:
+    """The datasets of ``train_datasets`` (mixing sources) or ``val_datasets``, as ``<split>/<name>``."""
+    if not nodes:
+        return {}
+    items = nodes.items() if hasattr(nodes, "items") else enumerate(nodes)
+    found = {}
+    for key, node in items:
+        name = node.get("name", key) if "dataset" in node else key
+        found[f"{split}/{name}"] = hydra.utils.instantiate(node.get("dataset", node), transform=None)
     return found
 
 
@@ -65,7 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(e.g. data=sa1b data.train_dataset.root=...).",
     )
     parser.add_argument(
-        "--path", help="dataset path: COCO JSON, SA-1B folder or shards, or a mask-folder root"
+        "--path",
+        help="dataset path: COCO JSON, SA-1B folder or shards, a mask-folder root, YOLO data.yaml "
+        "(or its folder), labelme folder, CVAT XML, VOC year folder, or volume folder",
     )
     parser.add_argument("--format", choices=FORMATS, help="the format of --path")
     parser.add_argument(

@@ -1,5 +1,6 @@
 """The ``samtrain`` command: ``samtrain train [overrides]``, ``samtrain eval [overrides]`` and
-``samtrain check-data [options] [overrides]`` (see :mod:`samtrain.commands.check_data`).
+``samtrain check-data [options] [overrides]`` (see :mod:`samtrain.commands.check_data`) and
+``samtrain convert --from FORMAT --path PATH --to coco --out FILE`` (:mod:`samtrain.commands.convert`).
 
 Each subcommand is the Hydra app of the matching root script (``train.py`` with ``conf/train.yaml``,
 ``eval.py`` with ``conf/eval.yaml``): everything after the subcommand goes to Hydra unchanged, so
@@ -22,6 +23,7 @@ COMMANDS = {
     "eval": "evaluate checkpoints: results.json, results.md, mIoU-vs-clicks plot "
     "(conf/eval.yaml; same as `python eval.py`)",
     "check-data": "walk a dataset: counts, sizes, mask areas and every problem (exit 1 on errors)",
+    "convert": "write a dataset (yolo, labelme, cvat, voc, volume, ...) as a COCO instance file",
 }
 
 EXAMPLES = """\
@@ -33,6 +35,7 @@ examples:
   samtrain eval --cfg job                    # print the composed eval config
   samtrain check-data data=sa1b data.train_dataset.root=/data/sa1b
   samtrain check-data --format coco --path annotations.json --image-dir images
+  samtrain convert --from yolo --path data.yaml --to coco --out coco.json
 """
 
 
@@ -93,6 +96,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from samtrain.commands import check_data
 
         return check_data.main(overrides)
+    if command == "convert":
+        from samtrain.commands import convert
+
+        return convert.main(overrides)
     try:
         conf = config_dir()
     except FileNotFoundError as err:

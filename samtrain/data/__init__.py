@@ -26,12 +26,21 @@ _EXPORTS = {
     "SamResizeCrop": "samtrain.data.transforms",
     "collate_sam_batch": "samtrain.data.collate",
     "SamDataModule": "samtrain.data.datamodule",
+    "YoloSegmentationDataset": "samtrain.data.yolo",
+    "LabelmeDataset": "samtrain.data.labelme",
+    "CvatImagesDataset": "samtrain.data.cvat",
+    "VocInstanceDataset": "samtrain.data.voc",
+    "VolumeSliceDataset": "samtrain.data.volume",
+    "ObjectCropDataset": "samtrain.data.crops",
 }
 
 __all__ = [
     "BinaryMaskFolder",
     "CocoInstanceDataset",
+    "CvatImagesDataset",
     "InstanceMaskFolder",
+    "LabelmeDataset",
+    "ObjectCropDataset",
     "RleMasks",
     "Sa1bDataset",
     "Sa1bTarStream",
@@ -42,6 +51,9 @@ __all__ = [
     "SampleError",
     "SemanticMaskFolder",
     "SkipBadSamples",
+    "VocInstanceDataset",
+    "VolumeSliceDataset",
+    "YoloSegmentationDataset",
     "collate_sam_batch",
     "decode_segmentations",
     "read_rgb_image",
@@ -51,13 +63,19 @@ if TYPE_CHECKING:
     from samtrain.data.base import SamDataset
     from samtrain.data.coco import CocoInstanceDataset, decode_segmentations
     from samtrain.data.collate import collate_sam_batch
+    from samtrain.data.crops import ObjectCropDataset
+    from samtrain.data.cvat import CvatImagesDataset
     from samtrain.data.datamodule import SamDataModule
     from samtrain.data.errors import SampleError, SkipBadSamples
     from samtrain.data.image_io import read_rgb_image
+    from samtrain.data.labelme import LabelmeDataset
     from samtrain.data.mask_folder import BinaryMaskFolder, InstanceMaskFolder, SemanticMaskFolder
     from samtrain.data.rle import RleMasks
     from samtrain.data.sa1b import Sa1bDataset, Sa1bTarStream
     from samtrain.data.transforms import SamResizeCrop, SamTransform
+    from samtrain.data.voc import VocInstanceDataset
+    from samtrain.data.volume import VolumeSliceDataset
+    from samtrain.data.yolo import YoloSegmentationDataset
 
 
 def __getattr__(name: str) -> Any:

@@ -25,6 +25,7 @@ class DataReport:
     area_fractions: list[float] = field(default_factory=list)
     errors: list[tuple[str, str]] = field(default_factory=list)
     warnings: list[tuple[str, str]] = field(default_factory=list)
+    skipped_empty: int = 0  # images (or slices) without objects the dataset left out
 
     def add(self, name: str, sample: dict) -> None:
         image, masks = sample["image"], sample["masks"]
@@ -51,6 +52,8 @@ class DataReport:
             "mask area / image area: "
             + " / ".join(f"p{q} {np.percentile(fractions, q):.4f}" for q in (0, 5, 50, 95, 100)),
         ]
+        if self.skipped_empty:
+            lines.append(f"skipped: {self.skipped_empty} image(s) without objects (not errors)")
         lines += [f"ERROR {name}: {reason}" for name, reason in self.errors]
         lines += [f"warning {name}: {reason}" for name, reason in self.warnings]
         return "\n".join(lines)
@@ -72,7 +75,7 @@ def raw_samples(dataset: Any) -> Iterator[tuple[str, dict | SampleError]]:
 
 def check_dataset(dataset: Any, name: str, *, progress: bool = True) -> DataReport:
     """Walk ``dataset`` (a samtrain dataset or stream) and collect a DataReport."""
-    report = DataReport(name)
+    report = DataReport(name, skipped_empty=int(getattr(dataset, "skipped_empty", 0)))
     items = raw_samples(dataset)
     if progress:
         from rich.console import Console

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 import torch
 from pytorch_lightning import LightningDataModule
 from torch.utils.data import Dataset, IterableDataset
@@ -10,6 +13,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from samtrain import distributed
 from samtrain.data.collate import collate_sam_batch
 from samtrain.data.errors import SkipBadSamples
+from samtrain.data.mixing import MixedDataset, MixingSampler, Source, sources_from_config
 from samtrain.data.sampler import SeededShardSampler
 
 
@@ -68,6 +72,27 @@ def sharded_loader(
     return StatefulDataLoader(SkipBadSamples(dataset), sampler=sampler, **loader_args)
 
 
+def mixed_loader(
+    sources: Sequence[Source], *, seed: int, samples_per_epoch: int | None, **loader_args
+) -> StatefulDataLoader:
+    """A ``StatefulDataLoader`` over this rank's share of a mixed epoch (:mod:`samtrain.data.mixing`):
+    the sources drawn by weight or repeat factor, seeded by ``(seed, epoch)``, sharded as
+    :func:`sharded_loader` shards one dataset."""
+    dataset = MixedDataset(sources)
+    weighted = sources[0].weight is not None
+    sampler = MixingSampler(
+        dataset.sizes,
+        seed=seed,
+        weights=[s.weight for s in sources] if weighted else None,
+        repeats=None if weighted else [s.repeat or 1.0 for s in sources],
+        samples_per_epoch=samples_per_epoch,
+        rank=distributed.rank(),
+        world_size=distributed.world_size(),
+    )
+    loader_args.setdefault("generator", worker_generator(seed, distributed.rank()))
+    return StatefulDataLoader(SkipBadSamples(dataset), sampler=sampler, **loader_args)
+
+
 class SamDataModule(LightningDataModule):
     """Train/val/test loaders for SAM training, sharded across distributed ranks by the module itself.
 
@@ -82,8 +107,16 @@ class SamDataModule(LightningDataModule):
     mid-epoch. Batches come from ``collate_sam_batch``; samples that cannot be read are skipped
     and counted (``SkipBadSamples``), never fatal.
 
+    Several training datasets (``train_datasets``: entries ``{name, dataset, weight | repeat}``)
+    are mixed per epoch by :class:`samtrain.data.mixing.MixingSampler`, with the same exactness.
+    Several validation datasets (``val_datasets``: name -> dataset) give one val loader each, in
+    order, named by :attr:`val_names` (the module logs ``val/<name>/<metric>``).
+
     Args:
         train_dataset, val_dataset, test_dataset: datasets returning SAM samples.
+        train_datasets: instead of ``train_dataset``, the sources of a mixed epoch.
+        samples_per_epoch: the length of a weighted mixed epoch (default: the sources' total).
+        val_datasets: instead of ``val_dataset``, validation datasets by name.
         batch_size: images per training batch on each device.
         global_batch_size: images per optimizer step over all devices; when set, it replaces
             ``batch_size`` with ``global_batch_size / (world size * accumulate_grad_batches)``.
@@ -101,6 +134,9 @@ class SamDataModule(LightningDataModule):
         train_dataset: Dataset | None = None,
         val_dataset: Dataset | None = None,
         test_dataset: Dataset | None = None,
+        train_datasets: Sequence[Any] | Mapping[str, Any] | None = None,
+        samples_per_epoch: int | None = None,
+        val_datasets: Mapping[str, Dataset] | None = None,
         batch_size: int = 2,
         global_batch_size: int | None = None,
         val_batch_size: int | None = None,
@@ -110,8 +146,15 @@ class SamDataModule(LightningDataModule):
         seed: int | None = None,
     ) -> None:
         super().__init__()
+        if train_dataset is not None and train_datasets:
+            raise ValueError("SamDataModule: give train_dataset or train_datasets, not both")
+        if val_dataset is not None and val_datasets:
+            raise ValueError("SamDataModule: give val_dataset or val_datasets, not both")
         self.train_dataset = train_dataset
+        self.train_sources = sources_from_config(train_datasets) if train_datasets else None
+        self.samples_per_epoch = None if samples_per_epoch is None else int(samples_per_epoch)
         self.val_dataset = val_dataset
+        self.val_datasets = dict(val_datasets) if val_datasets else None
         self.test_dataset = test_dataset
         self.batch_size = int(batch_size)
         self.global_batch_size = None if global_batch_size is None else int(global_batch_size)
@@ -166,11 +209,31 @@ class SamDataModule(LightningDataModule):
             **loader_args,
         )
 
-    def train_dataloader(self) -> StatefulDataLoader:
-        return self._loader(self.train_dataset, "train", train=True)
+    @property
+    def val_names(self) -> list[str] | None:
+        """The names of the val loaders, in order (None: one unnamed val dataset)."""
+        return None if self.val_datasets is None else list(self.val_datasets)
 
-    def val_dataloader(self) -> StatefulDataLoader:
-        return self._loader(self.val_dataset, "val", train=False)
+    def train_dataloader(self) -> StatefulDataLoader:
+        if self.train_sources is None:
+            return self._loader(self.train_dataset, "train", train=True)
+        return mixed_loader(
+            self.train_sources,
+            seed=self._seed(),
+            samples_per_epoch=self.samples_per_epoch,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            collate_fn=collate_sam_batch,
+            persistent_workers=self.persistent_workers and self.num_workers > 0,
+        )
+
+    def val_dataloader(self) -> StatefulDataLoader | list[StatefulDataLoader]:
+        if self.val_datasets is None:
+            return self._loader(self.val_dataset, "val", train=False)
+        return [
+            self._loader(dataset, f"val ({name})", train=False) for name, dataset in self.val_datasets.items()
+        ]
 
     def test_dataloader(self) -> StatefulDataLoader:
         return self._loader(self.test_dataset, "test", train=False)

@@ -113,6 +113,7 @@ class SamModule(pl.LightningModule):
         self.val_full_curve_every = val_full_curve_every
         self.val_runs = 0  # validation runs of the fit so far (sanity check excluded); checkpointed
         self.val_metrics = InteractiveMetrics(clicks=[k for k in (1, 3, 5, 9) if k <= val_max_clicks])
+        self.named_val_metrics: dict[str, InteractiveMetrics] = {}
 
     # ------------------------------------------------------------------ training
 
@@ -259,8 +260,14 @@ class SamModule(pl.LightningModule):
         last_step = max_steps is not None and max_steps >= 0 and self.global_step >= max_steps
         return last_epoch or last_step
 
+    def val_names(self) -> list[str] | None:
+        """The names of the val loaders when the data module has several (``val_datasets``)."""
+        return getattr(getattr(self.trainer, "datamodule", None), "val_names", None)
+
     def on_validation_epoch_start(self) -> None:
         self.val_metrics.reset()
+        # Several val datasets: each scored on its own as well as together (val/<name>/<metric>).
+        self.named_val_metrics = {name: self.val_metrics.clone() for name in self.val_names() or ()}
         self._clicks_this_epoch = self.val_clicks()
         if self.trainer.state.fn == TrainerFn.FITTING and not self.trainer.sanity_checking:
             self.val_runs += 1
@@ -271,19 +278,28 @@ class SamModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.val_runs = int(checkpoint.get(VAL_RUNS_KEY, 0))
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         if "masks" not in batch:  # every sample was unreadable
             refuse_empty_batch_if_sharded(self.trainer, "validation")
             return
         out = evaluate_batch(self.net, batch, max_clicks=self._clicks_this_epoch)
-        self.val_metrics.update(out["ious"], box_ious=out["box_ious"], pred_ious=out["pred_ious"])
+        scored = [self.val_metrics]
+        if self.named_val_metrics:
+            scored.append(self.named_val_metrics[self.val_names()[dataloader_idx]])
+        for metrics in scored:
+            metrics.update(out["ious"], box_ious=out["box_ious"], pred_ious=out["pred_ious"])
 
     def on_validation_epoch_end(self) -> None:
-        metrics = self.val_metrics.compute()  # gathers every rank's objects
+        self._log_val_metrics("val", self.val_metrics)
+        for name, metrics in self.named_val_metrics.items():
+            self._log_val_metrics(f"val/{name}", metrics)
+
+    def _log_val_metrics(self, prefix: str, val_metrics: InteractiveMetrics) -> None:
+        metrics = val_metrics.compute()  # gathers every rank's objects
         if self._clicks_this_epoch < self.val_max_clicks:  # NoC and NoF need the whole curve
             metrics = {k: v for k, v in metrics.items() if not k.startswith(("NoC", "NoF"))}
         # Identical on every rank already; sync_dist averages identical values (and keeps Lightning quiet).
-        self.log_dict({f"val/{k}": v.float() for k, v in metrics.items()}, sync_dist=True)
+        self.log_dict({f"{prefix}/{k}": v.float() for k, v in metrics.items()}, sync_dist=True)
 
     # ------------------------------------------------------------------ optimisation
 
