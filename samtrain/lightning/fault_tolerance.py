@@ -10,8 +10,11 @@
   sharded strategy (FSDP) such a batch cannot be skipped:
   :func:`samtrain.distributed.refuse_empty_batch_if_sharded`.
 
-Checkpoints themselves are atomic already: Lightning serialises a checkpoint in memory, then
-writes it inside an fsspec transaction (a temporary file moved over the old one).
+Checkpoint files are written atomically by :class:`samtrain.lightning.checkpoint_io.AtomicCheckpointIO`
+(a temporary file in the checkpoint's own folder, renamed into place), which the runner installs.
+Lightning's own writer is not atomic when the temporary folder is on another file system: it
+stages the file in ``TMPDIR`` and moves it, and such a move is a copy, which a kill leaves half
+done (``tests/lightning/test_checkpoint_io.py`` shows both).
 """
 
 from __future__ import annotations
