@@ -103,8 +103,11 @@ def resume_checkpoint(cfg: DictConfig, trainer: pl.Trainer) -> str | None:
     from by itself); None for a fresh run."""
     if cfg.get("ckpt_path") is not None:
         return str(cfg.ckpt_path)
-    if not SLURMEnvironment.detect():
-        return None
+    return slurm_checkpoint(trainer) if SLURMEnvironment.detect() else None
+
+
+def slurm_checkpoint(trainer: pl.Trainer) -> str | None:
+    """The newest ``hpc_ckpt_N.ckpt`` in ``trainer.default_root_dir`` (where Lightning saves it)."""
     root = Path(trainer.default_root_dir)
     versions = [
         (int(match.group(1)), path)
@@ -128,8 +131,17 @@ def scalar_metrics(metrics: dict) -> dict[str, float]:
 
 
 def validation_metrics(trainer: pl.Trainer, module, datamodule) -> dict[str, float]:
-    """The validation metrics of ``module`` now (none when validation is off: limit_val_batches=0)."""
-    results = trainer.validate(module, datamodule=datamodule, verbose=False)
+    """The validation metrics of ``module`` now (none when validation is off: limit_val_batches=0).
+
+    Under SLURM, ``trainer.validate(ckpt_path=None)`` loads the newest ``hpc_ckpt_N.ckpt`` of the
+    run directory when there is one, not the weights in hand; then the weights in hand are saved to
+    ``last.ckpt`` (the run's own) and validated from there."""
+    ckpt_path = None
+    if SLURMEnvironment.detect() and slurm_checkpoint(trainer) is not None:
+        folder = getattr(trainer.checkpoint_callback, "dirpath", None) or trainer.default_root_dir
+        ckpt_path = str(Path(folder) / "last.ckpt")
+        trainer.save_checkpoint(ckpt_path)
+    results = trainer.validate(module, datamodule=datamodule, verbose=False, ckpt_path=ckpt_path, weights_only=True)
     return scalar_metrics(results[0]) if results else {}
 
 

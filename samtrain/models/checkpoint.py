@@ -90,7 +90,7 @@ def unreadable_reason(err: Exception, path: str | Path | None = None) -> str:
         return "the file is empty"
     if head is not None and not head.startswith((b"PK", b"\x80")):
         return f"the file is not a PyTorch checkpoint (it starts with {head[:8]!r})"
-    if isinstance(err, EOFError) or "PytorchStreamReader" in text or "zip archive" in text:
+    if (head is not None and head.startswith(b"PK")) or isinstance(err, EOFError) or "zip archive" in text:
         return "the file is truncated or corrupted (not a complete PyTorch archive)"
     if "weights_only" in text:
         return "the file is not a PyTorch checkpoint that holds only tensors and plain values"
