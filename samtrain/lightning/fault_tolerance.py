@@ -74,6 +74,14 @@ class NonFiniteGuard(pl.Callback):
     logged as ``train/nonfinite_steps`` with a warning, and saved in checkpoints; more than
     ``max_skipped`` stops the run with an error. Saving a checkpoint whose weights are not finite
     raises instead of writing it.
+
+    A skipped step still counts as a step: ``global_step`` advances and so does the learning-rate
+    schedule (Lightning steps the scheduler after every optimizer step, and the optimizer step runs,
+    finding no gradient). The schedule thus stays a function of the global step, as the step-keyed
+    prompt draws, ``max_steps`` and a resume are; a skipped step uses up its share of the warmup
+    and decay instead of shifting the rest of the schedule by one. AdamW's own step count (its bias
+    correction) advances only on the steps that changed the weights, since parameters without a
+    gradient are left out of the update.
     """
 
     def __init__(self, *, max_skipped: int = 10) -> None:

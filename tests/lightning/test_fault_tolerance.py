@@ -71,6 +71,11 @@ def test_a_nan_step_is_skipped_counted_and_training_goes_on(tiny_cfg):
     for name, value in around.before.items():
         assert torch.equal(value, around.after[name]), name  # the skipped step changed nothing
     assert not non_finite_tensors(module.state_dict())
+    # The skipped step advances the learning-rate schedule (it follows global_step) but not AdamW's
+    # own step count, so bias correction counts only the steps that changed the weights.
+    assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == trainer.global_step == 4
+    adam_steps = {int(state["step"]) for state in trainer.optimizers[0].state.values()}
+    assert adam_steps == {3}
     last = torch.load(trainer.checkpoint_callback.last_model_path, weights_only=True)
     assert last["callbacks"][next(k for k in last["callbacks"] if "NonFiniteGuard" in k)] == {"skipped": 1}
 
