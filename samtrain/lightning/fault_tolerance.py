@@ -42,11 +42,15 @@ def zero_loss(module: torch.nn.Module) -> torch.Tensor:
 
 
 def _gradients(module: torch.nn.Module) -> list[torch.Tensor]:
-    return [p.grad for p in module.parameters() if p.grad is not None]
+    """This rank's gradients: a sharded (FSDP2 DTensor) gradient's local shard, empty shards left out."""
+    grads = (p.grad for p in module.parameters() if p.grad is not None)
+    local = (g.to_local() if hasattr(g, "to_local") else g for g in grads)
+    return [g for g in local if g.numel()]
 
 
 def gradients_are_finite(module: torch.nn.Module) -> torch.Tensor:
-    """bool (): whether every gradient of ``module`` is finite (one reduction, no per-tensor sync)."""
+    """bool (): whether every gradient of ``module`` held by this rank is finite (one reduction, no
+    per-tensor sync; under a sharded strategy the guard then reduces the ranks' answers)."""
     grads = _gradients(module)
     if not grads:
         return torch.tensor(True)
