@@ -414,21 +414,19 @@ MATMUL_OP_PREFIXES = (
 )
 
 
-def matmul_kernel_seconds(runner: StepRunner) -> float:
+def matmul_kernel_profile(runner: StepRunner) -> tuple[float, int]:
     """Seconds one profiled step spends inside matmul, attention and convolution kernels (their
-    own time; device time on a GPU). Nearly all the step's FLOPs are theirs, so FLOPs over this
-    time is the fraction of peak the step would reach if everything else took no time."""
+    own time; device time on a GPU), and how many such kernel calls it made. Nearly all the step's
+    FLOPs are theirs, so FLOPs over this time is the fraction of peak the step would reach if
+    everything else took no time."""
     cuda = runner.device.type == "cuda"
     activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
     with profile(activities=activities) as prof:
         runner()
     runner.records.pop()
-    micros = sum(
-        e.self_device_time_total if cuda else e.self_cpu_time_total
-        for e in prof.key_averages()
-        if e.key in MATMUL_OPS or e.key.startswith(MATMUL_OP_PREFIXES)
-    )
-    return micros / 1e6
+    kernels = [e for e in prof.key_averages() if e.key in MATMUL_OPS or e.key.startswith(MATMUL_OP_PREFIXES)]
+    micros = sum(e.self_device_time_total if cuda else e.self_cpu_time_total for e in kernels)
+    return micros / 1e6, sum(e.count for e in kernels)
 
 
 def proc_status_bytes(field: str) -> int:
@@ -456,7 +454,8 @@ def memory_and_flops(runner: StepRunner) -> dict:
         peak = {"peak_bytes": torch.cuda.max_memory_allocated(device), "memory": "cuda"}
     else:
         peak = {"peak_bytes": proc_status_bytes("VmHWM"), "rss_before_step": rss_before, "memory": "rss"}
-    return {"flops": flops, **peak, "matmul_s": matmul_kernel_seconds(runner)}
+    matmul_s, matmul_calls = matmul_kernel_profile(runner)
+    return {"flops": flops, **peak, "matmul_s": matmul_s, "matmul_calls": matmul_calls}
 
 
 def _isolated_side(side: str, weights: str, cfg: Config, threads: int) -> dict:

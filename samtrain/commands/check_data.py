@@ -6,8 +6,14 @@ Two ways to name the data::
     samtrain check-data --format coco --path ann.json --image-dir images   # a path and its format
 
 Prints counts (images, masks, masks per image, image sizes, mask areas as a share of the image),
-then every problem with its file and reason, and exits 1 when there were errors (2 when the
-dataset cannot be opened at all). A progress bar runs on stderr.
+then every problem with its file and reason. Exit status:
+
+- 0: the data was checked and is clean;
+- 1: the data was checked and has errors (each listed with its file and reason);
+- 2: the data could not be checked: bad arguments, a dataset that cannot be opened, or an
+  unexpected exception during the walk (its message is printed; the counts are then incomplete).
+
+A progress bar runs on stderr.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from samtrain.commands.config import config_dir
 from samtrain.data import cvat, labelme, voc, volume, yolo
 from samtrain.data.check import check_dataset
 
+CLEAN, DATA_ERRORS, COULD_NOT_CHECK = 0, 1, 2
 FORMATS = (
     "coco",
     "sa1b",
@@ -120,7 +127,8 @@ def named_datasets(nodes: Any, split: str) -> dict[str, Any]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="samtrain check-data",
-        description="Walk a dataset: counts, image sizes, mask areas and every problem (exit 1 on errors). "
+        description="Walk a dataset: counts, image sizes, mask areas and every problem. Exit status: 0 clean, "
+        "1 data errors found, 2 could not check (bad arguments, unopenable dataset, unexpected exception). "
         "Without --path, the remaining arguments are Hydra overrides of the training config "
         "(e.g. data=sa1b data.train_dataset.root=...).",
     )
@@ -145,11 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str]) -> int:
-    """Run the checker; returns the exit status (0 clean, 1 errors found, 2 cannot open)."""
+    """Run the checker; returns the exit status: 0 clean, 1 data errors found, 2 could not check."""
     args, overrides = build_parser().parse_known_args(list(argv))
     if (args.path is None) != (args.format is None):
         print("samtrain check-data: --path and --format go together", flush=True)
-        return 2
+        return COULD_NOT_CHECK
     try:
         if args.path is not None:
             datasets = datasets_from_path(args)
@@ -158,10 +166,19 @@ def main(argv: Sequence[str]) -> int:
             datasets = datasets_from_config(overrides, splits)
     except Exception as err:  # missing folder, bad JSON, a config error: the dataset cannot be opened
         print(f"samtrain check-data: cannot open the dataset: {err}", flush=True)
-        return 2
-    reports = [check_dataset(ds, name, progress=not args.no_progress) for name, ds in datasets.items()]
+        return COULD_NOT_CHECK
+    reports = []
+    for name, dataset in datasets.items():
+        try:
+            reports.append(check_dataset(dataset, name, progress=not args.no_progress))
+        except Exception as err:  # a bug or an environment problem, not a finding about the data
+            print(
+                f"samtrain check-data: could not check {name}: {type(err).__name__}: {err}",
+                flush=True,
+            )
+            return COULD_NOT_CHECK
     for report in reports:
         print(report.format(), flush=True)
     errors = sum(len(r.errors) for r in reports)
     print(f"{errors} error(s)" if errors else "no errors", flush=True)
-    return 1 if errors else 0
+    return DATA_ERRORS if errors else CLEAN

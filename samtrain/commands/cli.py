@@ -22,7 +22,7 @@ COMMANDS = {
     "train": "train a SAM model (conf/train.yaml; same as `python train.py`)",
     "eval": "evaluate checkpoints: results.json, results.md, mIoU-vs-clicks plot "
     "(conf/eval.yaml; same as `python eval.py`)",
-    "check-data": "walk a dataset: counts, sizes, mask areas and every problem (exit 1 on errors)",
+    "check-data": "walk a dataset: counts, sizes, mask areas and every problem (exit 0 clean, 1 data errors, 2 could not check)",
     "convert": "write a dataset (yolo, labelme, cvat, voc, volume, ...) as a COCO instance file",
 }
 

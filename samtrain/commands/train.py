@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,9 +14,14 @@ import hydra
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import WandbLogger
+from pytorch_lightning.plugins.environments import SLURMEnvironment
+from pytorch_lightning.utilities import rank_zero_only
 
-from samtrain.lightning.callbacks import log_wandb_artifact
+from samtrain.lightning.callbacks import log_wandb_artifact, wandb_run_id
+from samtrain.lightning.checkpoint_io import AtomicCheckpointIO, remove_partial_checkpoints
+from samtrain.lightning.fault_tolerance import PreemptionCheckpoint
 from samtrain.models import export_sam_checkpoint
 
 log = logging.getLogger(__name__)
@@ -27,6 +34,34 @@ def instantiate_dict(cfg: DictConfig | None) -> list:
     return [hydra.utils.instantiate(value) for value in cfg.values() if value and "_target_" in value]
 
 
+def instantiate_loggers(cfg: DictConfig) -> list:
+    """The run's loggers. A WandbLogger without an explicit ``id`` gets the run directory's kept id
+    (:func:`wandb_run_id`; that of the resumed checkpoint's run directory when this one has none)
+    and ``resume="allow"``, so a resumed run continues the same wandb run."""
+    loggers = []
+    for value in (cfg.get("logger") or {}).values():
+        if not value or "_target_" not in value:
+            continue
+        if is_wandb_logger(value) and value.get("id") is None and rank_zero_only.rank == 0:
+            run_id = wandb_run_id(value.save_dir, run_directory_of(cfg.get("ckpt_path")))
+            loggers.append(hydra.utils.instantiate(value, id=run_id, resume="allow"))
+        else:
+            loggers.append(hydra.utils.instantiate(value))
+    return loggers
+
+
+def is_wandb_logger(cfg: DictConfig) -> bool:
+    target = hydra.utils.get_class(cfg._target_)
+    return isinstance(target, type) and issubclass(target, WandbLogger)
+
+
+def run_directory_of(ckpt_path: str | None) -> Path | None:
+    """The run directory of a checkpoint in the usual place, ``<run>/checkpoints/<file>``."""
+    if ckpt_path in (None, "last", "hpc", "best"):
+        return None
+    return Path(str(ckpt_path)).resolve().parent.parent
+
+
 def build_run(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule, pl.Trainer]:
     """The datamodule, module and trainer of a run config."""
     pl.seed_everything(cfg.seed, workers=True)
@@ -35,11 +70,51 @@ def build_run(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModu
     trainer = hydra.utils.instantiate(
         cfg.trainer,
         callbacks=instantiate_dict(cfg.get("callbacks")),
-        logger=instantiate_dict(cfg.get("logger")) or False,
+        logger=instantiate_loggers(cfg) or False,
+        plugins=[AtomicCheckpointIO()],
     )
+    if rank_zero_only.rank == 0:  # before Lightning looks for a checkpoint to resume from
+        remove_partial_checkpoints(checkpoint_directories(trainer, cfg.get("ckpt_path")))
     for logger in trainer.loggers:
         logger.log_hyperparams(resolved_config(cfg))
     return datamodule, module, trainer
+
+
+def checkpoint_directories(trainer: pl.Trainer, ckpt_path: str | None) -> list[str]:
+    """Every folder the run writes checkpoints to (ModelCheckpoint, PreemptionCheckpoint, SLURM's
+    in ``default_root_dir``), and the folder of the checkpoint it resumes from."""
+    folders = [str(trainer.default_root_dir)]
+    for callback in trainer.callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.dirpath:
+            folders.append(str(callback.dirpath))
+        elif isinstance(callback, PreemptionCheckpoint):
+            folders.append(str(callback.path.parent))
+    if ckpt_path not in (None, "last", "hpc", "best"):
+        folders.append(os.path.dirname(os.path.abspath(str(ckpt_path))))
+    return folders
+
+
+HPC_CHECKPOINT = re.compile(r"hpc_ckpt_(\d+)\.ckpt")
+
+
+def resume_checkpoint(cfg: DictConfig, trainer: pl.Trainer) -> str | None:
+    """The checkpoint ``trainer.fit`` will resume from: ``ckpt_path``, else under SLURM the newest
+    ``hpc_ckpt_N.ckpt`` that Lightning saved in ``default_root_dir`` before a requeue (and resumes
+    from by itself); None for a fresh run."""
+    if cfg.get("ckpt_path") is not None:
+        return str(cfg.ckpt_path)
+    return slurm_checkpoint(trainer) if SLURMEnvironment.detect() else None
+
+
+def slurm_checkpoint(trainer: pl.Trainer) -> str | None:
+    """The newest ``hpc_ckpt_N.ckpt`` in ``trainer.default_root_dir`` (where Lightning saves it)."""
+    root = Path(trainer.default_root_dir)
+    versions = [
+        (int(match.group(1)), path)
+        for path in (root.iterdir() if root.is_dir() else ())
+        if (match := HPC_CHECKPOINT.fullmatch(path.name))
+    ]
+    return str(max(versions)[1]) if versions else None
 
 
 def resolved_config(cfg: DictConfig) -> dict:
@@ -56,8 +131,17 @@ def scalar_metrics(metrics: dict) -> dict[str, float]:
 
 
 def validation_metrics(trainer: pl.Trainer, module, datamodule) -> dict[str, float]:
-    """The validation metrics of ``module`` now (none when validation is off: limit_val_batches=0)."""
-    results = trainer.validate(module, datamodule=datamodule, verbose=False)
+    """The validation metrics of ``module`` now (none when validation is off: limit_val_batches=0).
+
+    Under SLURM, ``trainer.validate(ckpt_path=None)`` loads the newest ``hpc_ckpt_N.ckpt`` of the
+    run directory when there is one, not the weights in hand; then the weights in hand are saved to
+    ``last.ckpt`` (the run's own) and validated from there."""
+    ckpt_path = None
+    if SLURMEnvironment.detect() and slurm_checkpoint(trainer) is not None:
+        folder = getattr(trainer.checkpoint_callback, "dirpath", None) or trainer.default_root_dir
+        ckpt_path = str(Path(folder) / "last.ckpt")
+        trainer.save_checkpoint(ckpt_path)
+    results = trainer.validate(module, datamodule=datamodule, verbose=False, ckpt_path=ckpt_path, weights_only=True)
     return scalar_metrics(results[0]) if results else {}
 
 
@@ -76,11 +160,16 @@ def fit(trainer: pl.Trainer, module, datamodule, ckpt_path: str | None) -> None:
 
 def run_training(cfg: DictConfig, datamodule, module, trainer: pl.Trainer) -> dict[str, float]:
     output_dir = Path(cfg.paths.output_dir)
-    results: dict[str, dict[str, float]] = {}
-
-    if cfg.get("validate_before") and cfg.get("ckpt_path") is None:
+    resume = resume_checkpoint(cfg, trainer)
+    results: dict = {}
+    if resume is not None:
+        log.info("Resuming from %s: no validation before training", resume)
+        results = {**earlier_before_metrics(output_dir), "resumed_from": resume}
+    elif cfg.get("validate_before"):
         log.info("Validating the model before training")
         results["before"] = validation_metrics(trainer, module, datamodule)
+        if trainer.is_global_zero:
+            write_metrics_json(output_dir, results)  # kept by a resume in this run directory
 
     fit(trainer, module, datamodule, cfg.get("ckpt_path"))
     if trainer.fast_dev_run:
@@ -117,9 +206,31 @@ def exit_code_of(error: BaseException) -> int:
     return code if isinstance(code, int) else int(code is not None)
 
 
+def earlier_before_metrics(output_dir: Path) -> dict:
+    """``{"before": ...}`` from ``<output_dir>/metrics.json`` when an earlier attempt of this run
+    directory validated the untrained model; else empty."""
+    path = output_dir / "metrics.json"
+    try:
+        before = json.loads(path.read_text()).get("before")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return {"before": before} if isinstance(before, dict) else {}
+
+
+def write_metrics_json(output_dir: Path, results: dict) -> Path:
+    """``metrics.json``: ``before`` (the untrained model's validation, when this run directory ran
+    one), ``after`` (the trained model's), ``resumed_from`` (the checkpoint, for a resumed run)."""
+    path = output_dir / "metrics.json"
+    output_dir.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(results, indent=2, sort_keys=True))
+    os.replace(partial, path)
+    return path
+
+
 def write_outputs(cfg: DictConfig, module, trainer: pl.Trainer, results: dict, output_dir: Path) -> None:
     """metrics.json, the official-format export, and a summary of where everything is."""
-    (output_dir / "metrics.json").write_text(json.dumps(results, indent=2, sort_keys=True))
+    write_metrics_json(output_dir, results)
     lines = [f"Run directory: {output_dir}", f"Metrics: {output_dir / 'metrics.json'}"]
     if cfg.get("export"):
         path = export_sam_checkpoint(

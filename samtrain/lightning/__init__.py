@@ -1,2 +1,3 @@
 """The Lightning runner: SamModule and MaeModule compose the model, the interaction and the data;
-parameter groups and schedules, callbacks and fault tolerance."""
+parameter groups and schedules, callbacks, fault tolerance, atomic checkpoint files
+(checkpoint_io) and a CSV logger that keeps a resumed run's history (loggers)."""

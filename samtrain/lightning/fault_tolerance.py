@@ -10,8 +10,11 @@
   sharded strategy (FSDP) such a batch cannot be skipped:
   :func:`samtrain.distributed.refuse_empty_batch_if_sharded`.
 
-Checkpoints themselves are atomic already: Lightning serialises a checkpoint in memory, then
-writes it inside an fsspec transaction (a temporary file moved over the old one).
+Checkpoint files are written atomically by :class:`samtrain.lightning.checkpoint_io.AtomicCheckpointIO`
+(a temporary file in the checkpoint's own folder, renamed into place), which the runner installs.
+Lightning's own writer is not atomic when the temporary folder is on another file system: it
+stages the file in ``TMPDIR`` and moves it, and such a move is a copy, which a kill leaves half
+done (``tests/lightning/test_checkpoint_io.py`` shows both).
 """
 
 from __future__ import annotations
@@ -39,11 +42,15 @@ def zero_loss(module: torch.nn.Module) -> torch.Tensor:
 
 
 def _gradients(module: torch.nn.Module) -> list[torch.Tensor]:
-    return [p.grad for p in module.parameters() if p.grad is not None]
+    """This rank's gradients: a sharded (FSDP2 DTensor) gradient's local shard, empty shards left out."""
+    grads = (p.grad for p in module.parameters() if p.grad is not None)
+    local = (g.to_local() if hasattr(g, "to_local") else g for g in grads)
+    return [g for g in local if g.numel()]
 
 
 def gradients_are_finite(module: torch.nn.Module) -> torch.Tensor:
-    """bool (): whether every gradient of ``module`` is finite (one reduction, no per-tensor sync)."""
+    """bool (): whether every gradient of ``module`` held by this rank is finite (one reduction, no
+    per-tensor sync; under a sharded strategy the guard then reduces the ranks' answers)."""
     grads = _gradients(module)
     if not grads:
         return torch.tensor(True)
@@ -71,6 +78,14 @@ class NonFiniteGuard(pl.Callback):
     logged as ``train/nonfinite_steps`` with a warning, and saved in checkpoints; more than
     ``max_skipped`` stops the run with an error. Saving a checkpoint whose weights are not finite
     raises instead of writing it.
+
+    A skipped step still counts as a step: ``global_step`` advances and so does the learning-rate
+    schedule (Lightning steps the scheduler after every optimizer step, and the optimizer step runs,
+    finding no gradient). The schedule thus stays a function of the global step, as the step-keyed
+    prompt draws, ``max_steps`` and a resume are; a skipped step uses up its share of the warmup
+    and decay instead of shifting the rest of the schedule by one. AdamW's own step count (its bias
+    correction) advances only on the steps that changed the weights, since parameters without a
+    gradient are left out of the update.
     """
 
     def __init__(self, *, max_skipped: int = 10) -> None:

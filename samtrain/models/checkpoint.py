@@ -63,13 +63,50 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # corrupt, truncated, or a pickle that weights_only refuses
-        raise ValueError(f"checkpoint {path} could not be read: {err}") from err
+        raise ValueError(f"checkpoint {path} could not be read: {unreadable_reason(err, path)}") from None
     for container in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(container), dict):
             state = state[container]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"checkpoint {path} does not hold a state dict of tensors")
     return {strip_prefixes(k): v for k, v in state.items()}
+
+
+def unreadable_reason(err: Exception, path: str | Path | None = None) -> str:
+    """Why ``torch.load(weights_only=True)`` or safetensors refused the file at ``path``, in words,
+    without torch's advice to load with ``weights_only=False`` (which would let the file run code).
+    The file's first bytes tell a PyTorch archive (zip) or pickle from anything else."""
+    text = str(err)
+    unsafe = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if unsafe:
+        return (
+            f"it holds a Python object ({unsafe.group(1)}), not only tensors and plain values, and "
+            "samtrain loads tensors and plain values only (a checkpoint cannot run code)"
+        )
+    if "Safetensor" in type(err).__name__:
+        return f"the file is not a complete safetensors file ({text})"
+    head = file_head(path)
+    if head == b"":
+        return "the file is empty"
+    if head is not None and not head.startswith((b"PK", b"\x80")):
+        return f"the file is not a PyTorch checkpoint (it starts with {head[:8]!r})"
+    if (head is not None and head.startswith(b"PK")) or isinstance(err, EOFError) or "zip archive" in text:
+        return "the file is truncated or corrupted (not a complete PyTorch archive)"
+    if "weights_only" in text:
+        return "the file is not a PyTorch checkpoint that holds only tensors and plain values"
+    first_line = text.splitlines()[0] if text else ""
+    return f"{type(err).__name__}: {first_line[:300]}"
+
+
+def file_head(path: str | Path | None, size: int = 16) -> bytes | None:
+    """The first ``size`` bytes of a file (None: no path, or unreadable)."""
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as f:
+            return f.read(size)
+    except OSError:
+        return None
 
 
 def strip_prefixes(key: str) -> str:

@@ -8,7 +8,7 @@ import sys
 import pytest
 from hydra.core.global_hydra import GlobalHydra
 
-from samtrain.commands import cli
+from samtrain.commands import check_data, cli
 from tests.conftest import ROOT
 from tests.data_builders import make_instance_folder, make_sa1b_folder, make_sa1b_tar
 
@@ -94,3 +94,21 @@ def test_console_script_exit_status(tmp_path):
     )
     assert run.returncode == 1, run.stderr
     assert "sa_0.jpg: JPEG is truncated" in run.stdout
+
+
+def test_an_unexpected_exception_during_the_walk_means_could_not_check(tmp_path, capsys, monkeypatch):
+    """Exit 2 ("could not check"), with the exception's message, never 1 ("errors found")."""
+    make_sa1b_folder(tmp_path, range(2))
+    from samtrain.data.sa1b import Sa1bDataset
+
+    def broken(self, index):
+        raise MemoryError("cannot allocate 3 GiB for the mask stack")
+
+    monkeypatch.setattr(Sa1bDataset, "load_encoded_sample", broken, raising=False)
+    monkeypatch.setattr(Sa1bDataset, "load_sample", broken)
+    status = cli.main(["check-data", "--format", "sa1b", "--path", str(tmp_path), "--no-progress"])
+    out = capsys.readouterr().out
+    assert status == check_data.COULD_NOT_CHECK == 2
+    assert "could not check sa1b: MemoryError: cannot allocate 3 GiB for the mask stack" in out
+    assert "error(s)" not in out and "no errors" not in out
+

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import pickle
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -15,6 +15,8 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 import samtrain.commands.train as train_module
 from samtrain.commands.train import train, wandb_finished
+from samtrain.lightning.callbacks import read_metrics_csv
+from samtrain.lightning.checkpoint_io import UnreadableCheckpointError
 from samtrain.lightning.sam_module import VAL_RUNS_KEY
 from samtrain.models import build_sam
 
@@ -86,17 +88,30 @@ def test_export_image_size_reaches_the_export(tmp_path, monkeypatch):
     assert sizes == [1024]
 
 
-def test_resume_from_last_checkpoint(short_run, tiny_cfg):
+def test_resume_from_last_checkpoint(short_run, tiny_cfg, monkeypatch):
+    """Resumed in its own run directory: no validation before training, metrics.json keeps the
+    first attempt's "before", metrics.csv keeps the first attempt's steps."""
     _, _, out, _ = short_run
     last = out / "checkpoints" / "last.ckpt"
     state = torch.load(last, map_location="cpu", weights_only=True)
     assert state["global_step"] == 2
     assert state[VAL_RUNS_KEY] == 1  # the fit's one validation (the trainer.validate before fit not counted)
+    before = json.loads((out / "metrics.json").read_text())["before"]
+    validations = []
+    validate = train_module.validation_metrics
+    monkeypatch.setattr(train_module, "validation_metrics", lambda *a: validations.append(1) or validate(*a))
     resumed = tiny_cfg("trainer.max_epochs=2", f"ckpt_path={last}")
     train(resumed)
+    assert validations == [1]  # after training only: validate_before is skipped on resume
     state = torch.load(last, map_location="cpu", weights_only=True)
     assert state["global_step"] == 4  # continued from step 2, not restarted
     assert state[VAL_RUNS_KEY] == 2
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["before"] == before and saved["resumed_from"] == str(last) and saved["after"]
+    history = read_metrics_csv(out / "csv" / "metrics.csv")
+    assert [step for step, _ in history["train/loss"]] == [0, 1, 2, 3]
+    # before training, epoch 0, epoch 1, after training (the first attempt's "after", at step 2, is not kept)
+    assert [step for step, _ in history["val/mIoU@1"]] == [0, 1, 3, 4]
 
 
 class Tripwire:
@@ -116,6 +131,6 @@ def test_resume_never_unpickles_objects(tiny_cfg, tmp_path, monkeypatch):
     tampered = tmp_path / "tampered.ckpt"
     torch.save({"global_step": 2, "payload": Tripwire()}, tampered)
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # torch.load's default would unpickle
-    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+    with pytest.raises(UnreadableCheckpointError, match=re.escape(str(tampered)) + ": it holds a Python object.*Tripwire"):
         train(tiny_cfg(f"ckpt_path={tampered}"))
     assert not Tripwire.tripped

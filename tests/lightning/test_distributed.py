@@ -7,15 +7,18 @@ bitwise repeatable.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
 from samtrain.lightning.callbacks import read_metrics_csv
+from samtrain.lightning.checkpoint_io import PARTIAL_PREFIX
 from tests.conftest import ROOT, TINY
 
 pytestmark = pytest.mark.slow
@@ -34,19 +37,28 @@ RUN = (
 )
 
 
-def run_env() -> dict[str, str]:
+def run_env(**extra: str) -> dict[str, str]:
     """The test's environment without SLURM's variables (Lightning would take the run for a SLURM job)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    env.update(OMP_NUM_THREADS="1", WANDB_MODE="offline", PYTHONPATH=str(ROOT))
+    env.update(OMP_NUM_THREADS="1", WANDB_MODE="offline", PYTHONPATH=str(ROOT), **extra)
     env.pop("LOCAL_RANK", None)
     return env
 
 
-def train(run_dir: Path, *overrides: str, launcher: tuple[str, ...] = (), check: bool = True, timeout=300):
+def train(
+    run_dir: Path,
+    *overrides: str,
+    launcher: tuple[str, ...] = (),
+    check: bool = True,
+    timeout=300,
+    env: dict[str, str] | None = None,
+):
     """Runs `[launcher] train.py RUN overrides` with its Hydra run dir in run_dir."""
     args = [*launcher, "train.py", *RUN, f"hydra.run.dir={run_dir}", *overrides]
     cmd = args if launcher else [sys.executable, *args]
-    done = subprocess.run(cmd, cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(
+        cmd, cwd=ROOT, env=run_env(**(env or {})), capture_output=True, text=True, timeout=timeout
+    )
     if check and done.returncode != 0:
         raise AssertionError(
             f"{' '.join(cmd)} exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
@@ -69,12 +81,23 @@ def signal_at(step: int, name: str) -> tuple[str, ...]:
     )
 
 
+def kill_during_checkpoint_write(step: int) -> tuple[str, ...]:
+    return (
+        "+callbacks.kill_write._target_=tests.fault_injection.KillDuringCheckpointWrite",
+        f"+callbacks.kill_write.step={step}",
+    )
+
+
 def weights(dirpath: Path, rank: int = 0) -> dict[str, torch.Tensor]:
     return torch.load(dirpath / f"weights_rank{rank}.pt", weights_only=True)
 
 
 def train_losses(run_dir: Path) -> list[float]:
-    return [value for _, value in read_metrics_csv(run_dir / "csv" / "metrics.csv")["train/loss"]]
+    return [value for _, value in train_loss_history(run_dir)]
+
+
+def train_loss_history(run_dir: Path) -> list[tuple[int, float]]:
+    return read_metrics_csv(run_dir / "csv" / "metrics.csv")["train/loss"]
 
 
 def assert_same_weights(a: dict, b: dict, atol: float = 0.0) -> None:
@@ -141,10 +164,50 @@ def test_two_nodes_through_torchrun(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> dict[str, torch.Tensor]:
+def uninterrupted_run(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("uninterrupted")
     train(run, "trainer.max_steps=8", "callbacks.step_checkpoint.every_n_train_steps=3", *save_weights(run))
-    return weights(run)
+    return run
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(uninterrupted_run) -> dict[str, torch.Tensor]:
+    return weights(uninterrupted_run)
+
+
+@pytest.fixture
+def tmpdir_elsewhere(tmp_path) -> Iterator[Path]:
+    """A TMPDIR on another file system than the run directory (a tmpfs), as on clusters."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("no tmpfs at /dev/shm on another file system than the test's folder")
+    folder = shm / f"samtrain-{os.getpid()}-{tmp_path.name}"
+    folder.mkdir()
+    yield folder
+    shutil.rmtree(folder)
+
+
+def test_kill_9_during_a_checkpoint_write_then_resume_in_place(tmp_path, tmpdir_elsewhere, uninterrupted_run):
+    """The SLURM layout: the requeued run resumes in its own run directory, TMPDIR elsewhere. The
+    write of step 6's checkpoint is killed half-way: step 3's stays readable, the leftover is
+    removed at the next start, the resumed run ends with bitwise the uninterrupted weights, and its
+    metrics.csv holds every step once, before and after the kill, with the uninterrupted losses."""
+    steps = ("trainer.max_steps=8", "callbacks.step_checkpoint.every_n_train_steps=3")
+    env = {"TMPDIR": str(tmpdir_elsewhere)}
+    killed = train(tmp_path, *steps, *kill_during_checkpoint_write(6), check=False, env=env)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 3
+    leftovers = list(last.parent.glob(f"{PARTIAL_PREFIX}*"))
+    assert len(leftovers) == 1
+    # step 5 is logged after its checkpoint write, which the kill interrupted
+    assert [step for step, _ in train_loss_history(tmp_path)] == [0, 1, 2, 3, 4]
+
+    train(tmp_path, *steps, f"ckpt_path={last}", *save_weights(tmp_path), env=env)
+    assert not any(p.exists() for p in leftovers)
+    assert_same_weights(weights(tmp_path), weights(uninterrupted_run))
+    assert train_loss_history(tmp_path) == train_loss_history(uninterrupted_run)
+    assert [step for step, _ in train_loss_history(tmp_path)] == list(range(8))
 
 
 def test_kill_9_mid_epoch_then_resume_gives_the_uninterrupted_weights(tmp_path, uninterrupted):

@@ -71,6 +71,11 @@ def test_a_nan_step_is_skipped_counted_and_training_goes_on(tiny_cfg):
     for name, value in around.before.items():
         assert torch.equal(value, around.after[name]), name  # the skipped step changed nothing
     assert not non_finite_tensors(module.state_dict())
+    # The skipped step advances the learning-rate schedule (it follows global_step) but not AdamW's
+    # own step count, so bias correction counts only the steps that changed the weights.
+    assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == trainer.global_step == 4
+    adam_steps = {int(state["step"]) for state in trainer.optimizers[0].state.values()}
+    assert adam_steps == {3}
     last = torch.load(trainer.checkpoint_callback.last_model_path, weights_only=True)
     assert last["callbacks"][next(k for k in last["callbacks"] if "NonFiniteGuard" in k)] == {"skipped": 1}
 
@@ -99,28 +104,6 @@ def test_a_checkpoint_of_non_finite_weights_is_refused():
     with pytest.raises(RuntimeError, match=r"step 7: non-finite weights in \['b'\]"):
         guard.on_save_checkpoint(trainer, None, {"state_dict": state})
     guard.on_save_checkpoint(trainer, None, {"state_dict": {"a": torch.ones(2)}})
-
-
-def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one(tmp_path, monkeypatch):
-    from fsspec.implementations.local import LocalFileOpener
-    from pytorch_lightning.plugins.io import TorchCheckpointIO
-
-    path = tmp_path / "last.ckpt"
-    io = TorchCheckpointIO()
-    io.save_checkpoint({"global_step": 1, "w": torch.ones(1000)}, path)
-    write = LocalFileOpener.write
-
-    def crash_halfway(self, data):
-        write(self, bytes(data)[: len(data) // 2])
-        raise OSError("disk full")
-
-    monkeypatch.setattr(LocalFileOpener, "write", crash_halfway)
-    with pytest.raises(OSError, match="disk full"):
-        io.save_checkpoint({"global_step": 2, "w": torch.zeros(1000)}, path)
-    monkeypatch.undo()
-    kept = torch.load(path, weights_only=True)
-    assert kept["global_step"] == 1 and torch.equal(kept["w"], torch.ones(1000))
-    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left behind
 
 
 def test_fp16_loss_scaling_handles_its_own_overflows():

@@ -135,3 +135,30 @@ def test_offline_wandb_run(tiny_cfg, tmp_path, wandb_env):
     # Everything else a run writes is there too.
     assert len(list((tmp_path / "gallery").glob("epoch000-step*.png"))) == 1
     assert (tmp_path / "curves.png").is_file()  # from the callback's own records (no CSV logger)
+
+
+def test_a_resumed_run_continues_the_same_wandb_run(tiny_cfg, tmp_path, wandb_env):
+    quick = ("logger=wandb", "validate_before=false", "export=false", "trainer.limit_val_batches=0")
+    train(tiny_cfg(*quick, "trainer.max_steps=1"))
+    wandb.finish()
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    train(tiny_cfg(*quick, "trainer.max_steps=2", "trainer.max_epochs=2", f"ckpt_path={last}"))
+    wandb.finish()
+
+    run_id = (tmp_path / "wandb" / "samtrain-run-id").read_text().strip()
+    attempts = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(attempts) == 2 and all(a.name.endswith(f"-{run_id}") for a in attempts)
+    steps = []
+    for attempt in attempts:
+        for record in finished_run_records(next(attempt.glob("run-*.wandb"))):
+            if record.WhichOneof("record_type") == "run":
+                assert record.run.run_id == run_id
+            if record.WhichOneof("record_type") == "history":
+                items = {
+                    item.key or item.nested_key[0]: json.loads(item.value_json)
+                    for item in record.history.item
+                    if item.key or len(item.nested_key) == 1
+                }
+                if "train/loss" in items:
+                    steps.append(items["trainer/global_step"])
+    assert steps == [0, 1]  # `wandb sync` uploads both attempts into run `run_id`, one step each

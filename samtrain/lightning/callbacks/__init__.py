@@ -25,7 +25,11 @@ from samtrain.lightning.callbacks.curves import MetricCurves, read_metrics_csv
 from samtrain.lightning.callbacks.embedding_cache import EmbeddingCache
 from samtrain.lightning.callbacks.gallery import PredictionGallery
 from samtrain.lightning.callbacks.skipped import SkippedSamplesBudget
-from samtrain.lightning.callbacks.wandb_artifacts import WandbCheckpointArtifact, log_wandb_artifact
+from samtrain.lightning.callbacks.wandb_artifacts import (
+    WandbCheckpointArtifact,
+    log_wandb_artifact,
+    wandb_run_id,
+)
 from samtrain.plots import plot_curves
 
 __all__ = [
@@ -38,4 +42,5 @@ __all__ = [
     "plot_curves",
     "read_metrics_csv",
     "trace_interaction",
+    "wandb_run_id",
 ]

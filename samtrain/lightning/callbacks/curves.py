@@ -36,13 +36,20 @@ def read_metrics_csv(path: str | Path) -> dict[str, list[tuple[int, float]]]:
     return dict(history)
 
 
+def csv_logger(trainer: pl.Trainer) -> CSVLogger | None:
+    """The trainer's first CSVLogger."""
+    return next((lg for lg in trainer.loggers if isinstance(lg, CSVLogger)), None)
+
+
 class MetricCurves(pl.Callback):
     """``curves.png`` at the end of fit: the training loss per step and the validation metrics.
 
-    The history comes from the CSVLogger's ``metrics.csv`` when there is one (it also holds the
-    part of a run before a resume); otherwise the callback records ``trainer.callback_metrics``
+    The history comes from the CSVLogger's ``metrics.csv`` when there is one (with
+    :class:`~samtrain.lightning.loggers.ResumableCSVLogger`, conf/logger/csv.yaml, it also holds
+    the part of a run before a resume); otherwise the callback records ``trainer.callback_metrics``
     itself (``train_keys`` every ``log_every_n_steps`` steps, ``val_prefix`` metrics after each
-    validation). Validation metrics are plotted against the global step, so a validation before
+    validation), and keeps it in checkpoints, so a resumed run's picture covers the whole run.
+    Validation metrics are plotted against the global step, so a validation before
     training is the point at step 0. The picture is also logged to every WandbLogger under
     ``log_key``.
 
@@ -70,7 +77,7 @@ class MetricCurves(pl.Callback):
         self.history: dict[str, list[tuple[int, float]]] = defaultdict(list)
 
     def _recording(self, trainer: pl.Trainer) -> bool:
-        return trainer.is_global_zero and not any(isinstance(lg, CSVLogger) for lg in trainer.loggers)
+        return trainer.is_global_zero and csv_logger(trainer) is None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if not self._recording(trainer) or trainer.global_step % max(1, trainer.log_every_n_steps):
@@ -87,6 +94,15 @@ class MetricCurves(pl.Callback):
             if key.startswith(self.val_prefix) and getattr(value, "numel", lambda: 1)() == 1:
                 self.history[key].append((trainer.global_step, float(value)))
 
+    def state_dict(self) -> dict:
+        """What it recorded (without a CSVLogger), so that a resumed run's curves start at step 0."""
+        return {"history": {key: [list(point) for point in points] for key, points in self.history.items()}}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.history = defaultdict(list)
+        for key, points in state_dict.get("history", {}).items():
+            self.history[key] = [(int(step), float(value)) for step, value in points]
+
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
@@ -97,12 +113,12 @@ class MetricCurves(pl.Callback):
 
     def read_history(self, trainer: pl.Trainer) -> dict[str, list[tuple[int, float]]]:
         """``{metric: [(step, value), ...]}`` from the CSVLogger, else as recorded."""
-        for logger in trainer.loggers:
-            if isinstance(logger, CSVLogger):
-                logger.save()  # flush what is pending (loggers are finalized after on_fit_end)
-                path = Path(logger.log_dir) / "metrics.csv"
-                if path.is_file():
-                    return read_metrics_csv(path)
+        logger = csv_logger(trainer)
+        if logger is not None:
+            logger.save()  # flush what is pending (loggers are finalized after on_fit_end)
+            path = Path(logger.log_dir) / "metrics.csv"
+            if path.is_file():
+                return read_metrics_csv(path)
         return dict(self.history)
 
     def write(self, trainer: pl.Trainer) -> Path | None:

@@ -1,4 +1,5 @@
-"""Checkpoints as wandb artifacts: :func:`log_wandb_artifact` and :class:`WandbCheckpointArtifact`.
+"""Checkpoints as wandb artifacts: :func:`log_wandb_artifact` and :class:`WandbCheckpointArtifact`;
+:func:`wandb_run_id`, the run id a resumed run continues.
 
 Both work offline: the artifact is recorded in the offline run and uploaded by ``wandb sync``.
 ``wandb`` is imported only when an artifact is logged.
@@ -7,6 +8,8 @@ Both work offline: the artifact is recorded in the offline run and uploaded by `
 from __future__ import annotations
 
 import logging
+import os
+import secrets
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -14,6 +17,31 @@ import pytorch_lightning as pl
 from pytorch_lightning.loggers import Logger, WandbLogger
 
 log = logging.getLogger(__name__)
+
+
+RUN_ID_FILE = "samtrain-run-id"
+
+
+def wandb_run_id(save_dir: str | Path, *earlier_run_dirs: str | Path | None) -> str:
+    """The wandb run id of the run logging to ``<save_dir>/wandb``, kept in
+    ``<save_dir>/wandb/samtrain-run-id``: read from there or, for a run resumed from another run
+    directory, from the first ``<earlier>/wandb/samtrain-run-id`` that exists; else a new id (8
+    lowercase hex digits, as wandb's own), written there. A resumed run logging with this id and
+    ``resume="allow"`` continues the same wandb run; offline, ``wandb sync`` uploads every
+    attempt's ``offline-run-*-<id>`` folder into that one run."""
+    own = Path(save_dir) / "wandb" / RUN_ID_FILE
+    for path in (own, *(Path(d) / "wandb" / RUN_ID_FILE for d in earlier_run_dirs if d is not None)):
+        if path.is_file() and path.read_text().strip():
+            run_id = path.read_text().strip()
+            break
+    else:
+        run_id = secrets.token_hex(4)
+    if not own.is_file():
+        own.parent.mkdir(parents=True, exist_ok=True)
+        partial = own.with_name(f".{RUN_ID_FILE}.partial")
+        partial.write_text(run_id + "\n")
+        os.replace(partial, own)
+    return run_id
 
 
 def wandb_loggers(trainer: pl.Trainer) -> list[WandbLogger]:

@@ -1,0 +1,36 @@
+"""FSDP on the CPU: 2 gloo processes through Lightning's ModelParallelStrategy with FSDP2's
+``fully_shard`` (tests/fsdp_module.py) train what 1 process trains.
+
+Lightning's FSDPStrategy (FSDP1, conf/trainer/fsdp.yaml) refuses the CPU ("The strategy `fsdp`
+requires a GPU accelerator"), so it is not run here; see docs/distributed.md.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.lightning.test_distributed import assert_same_weights, save_weights, train, train_losses, weights
+
+pytestmark = pytest.mark.slow
+
+FSDP2 = (
+    "trainer=ddp_cpu",
+    "model._target_=tests.fsdp_module.FullyShardedSamModule",
+    "~trainer.strategy",
+    "+trainer.strategy={_target_: pytorch_lightning.strategies.ModelParallelStrategy, "
+    "data_parallel_size: 2, tensor_parallel_size: 1, save_distributed_checkpoint: false}",
+)
+
+
+def test_two_process_fsdp2_equals_one_process_with_the_same_global_batch(tmp_path):
+    single, sharded = tmp_path / "single", tmp_path / "fsdp"
+    train(single, "trainer.max_steps=3", *save_weights(single))
+    train(sharded, *FSDP2, "trainer.max_steps=3")
+    single_losses, sharded_losses = train_losses(single), train_losses(sharded)
+    assert len(single_losses) == len(sharded_losses) == 3
+    assert sharded_losses == pytest.approx(single_losses, abs=1e-5)
+    # The full (gathered) checkpoint holds the weights the single process trained.
+    checkpoint = torch.load(sharded / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 3
+    assert_same_weights(checkpoint["state_dict"], weights(single), atol=1e-4)
