@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -121,6 +122,10 @@ class SamDataModule(LightningDataModule):
         global_batch_size: images per optimizer step over all devices; when set, it replaces
             ``batch_size`` with ``global_batch_size / (world size * accumulate_grad_batches)``.
         val_batch_size: images per val/test batch (default: the per-device training batch).
+        max_masks_per_batch: training batches keep at most this many masks in all, on each device
+            (the SAM paper's 64 per GPU), beside the transform's per-image ``max_masks``; which
+            masks stay is a function of the masks' identities (``collate.masks_within_cap``). None:
+            no per-device cap. Validation and test batches are never capped.
         num_workers: DataLoader worker processes.
         pin_memory: pin batches in page-locked memory.
         persistent_workers: keep workers alive between epochs (default: when ``num_workers > 0``).
@@ -140,6 +145,7 @@ class SamDataModule(LightningDataModule):
         batch_size: int = 2,
         global_batch_size: int | None = None,
         val_batch_size: int | None = None,
+        max_masks_per_batch: int | None = None,
         num_workers: int = 0,
         pin_memory: bool = False,
         persistent_workers: bool | None = None,
@@ -159,6 +165,9 @@ class SamDataModule(LightningDataModule):
         self.batch_size = int(batch_size)
         self.global_batch_size = None if global_batch_size is None else int(global_batch_size)
         self._val_batch_size = None if val_batch_size is None else int(val_batch_size)
+        if max_masks_per_batch is not None and int(max_masks_per_batch) <= 0:
+            raise ValueError(f"max_masks_per_batch must be positive or None, got {max_masks_per_batch}")
+        self.max_masks_per_batch = None if max_masks_per_batch is None else int(max_masks_per_batch)
         self.num_workers = int(num_workers)
         self.pin_memory = bool(pin_memory)
         self.persistent_workers = (
@@ -194,7 +203,9 @@ class SamDataModule(LightningDataModule):
             "batch_size": self.batch_size if train else self.val_batch_size,
             "num_workers": self.num_workers,
             "pin_memory": self.pin_memory,
-            "collate_fn": collate_sam_batch,
+            "collate_fn": partial(
+                collate_sam_batch, max_masks_per_batch=self.max_masks_per_batch if train else None
+            ),
             "generator": worker_generator(seed, distributed.rank()),
         }
         if isinstance(dataset, IterableDataset):
@@ -224,7 +235,7 @@ class SamDataModule(LightningDataModule):
             batch_size=self.batch_size,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
-            collate_fn=collate_sam_batch,
+            collate_fn=partial(collate_sam_batch, max_masks_per_batch=self.max_masks_per_batch),
             persistent_workers=self.persistent_workers and self.num_workers > 0,
         )
 

@@ -2,27 +2,36 @@
 
 Optimisation follows the paper: AdamW (0.9, 0.95), weight decay 0.05 (none for norms, biases,
 position embeddings and tokens), lr = base_lr * effective batch / 256 with base_lr 1.5e-4, linear
-warmup then half-cycle cosine, stepped every optimiser step. Each validation saves a grid of
-original / masked / reconstructed images to ``<default_root_dir>/mae_reconstructions/``.
+warmup then half-cycle cosine (``samtrain.lightning.optim.cosine_schedule``), stepped every
+optimiser step; the optimiser and the schedule are factories (Hydra ``_partial_``), as in SamModule.
+Each validation saves a grid of original / masked / reconstructed images to
+``<default_root_dir>/mae_reconstructions/``.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
 
 from samtrain.data.image_folder import IMAGENET_MEAN, IMAGENET_STD
 from samtrain.distributed import refuse_empty_batch_if_sharded, world_size
 from samtrain.lightning.fault_tolerance import load_pending_loader_state, zero_loss
-from samtrain.lightning.optim import build_scheduler, decay_groups
+from samtrain.lightning.optim import cosine_schedule, decay_groups
 from samtrain.models.mae import MaskedAutoencoder
 
 log = logging.getLogger(__name__)
+
+# The paper's optimiser and schedule (conf/mae_model/mae.yaml spells the same in Hydra).
+MAE_OPTIMIZER = partial(torch.optim.AdamW, betas=(0.9, 0.95))
+MAE_SCHEDULE = partial(cosine_schedule, warmup_steps=None, warmup_fraction=0.05)
 
 
 def mae_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -58,13 +67,14 @@ class MaeModule(pl.LightningModule):
 
     Args:
         net: the MAE (``samtrain.models.mae.build_mae``).
+        optimizer: a partial optimizer, called with the parameter groups and ``lr=`` (default:
+            AdamW with MAE's betas (0.9, 0.95)).
+        scheduler: a partial lr schedule, called as ``scheduler(optimizer, total_steps=...)`` and
+            stepped every optimiser step (default: linear warmup over 5% of the run, MAE's 40 of
+            800 epochs, then half-cycle cosine to zero); None: the lr stays constant.
         base_lr: lr per 256 images of effective batch (batch size x accumulation x world size).
         lr: an absolute lr that overrides base_lr scaling (None: scale base_lr).
-        weight_decay, betas: AdamW's.
-        warmup_steps: linear warmup length in optimiser steps (capped at a tenth of short runs);
-            None: warmup_fraction of the run.
-        warmup_fraction: warmup as a fraction of the run when warmup_steps is None (MAE: 40/800).
-        min_lr_ratio: the cosine's floor as a fraction of the peak lr.
+        weight_decay: AdamW's, on all but the no-decay parameters (``mae_param_groups``).
         batch_size: the per-device batch for the lr scaling (None: the datamodule's or loader's).
         num_vis: images in the reconstruction grid.
         seed: seeds the validation masks (the same masks every validation).
@@ -74,20 +84,20 @@ class MaeModule(pl.LightningModule):
         self,
         *,
         net: MaskedAutoencoder,
+        optimizer: Callable[..., Optimizer] = MAE_OPTIMIZER,
+        scheduler: Callable[..., LRScheduler] | None = MAE_SCHEDULE,
         base_lr: float = 1.5e-4,
         lr: float | None = None,
         weight_decay: float = 0.05,
-        betas: Sequence[float] = (0.9, 0.95),
-        warmup_steps: int | None = None,
-        warmup_fraction: float = 0.05,
-        min_lr_ratio: float = 0.0,
         batch_size: int | None = None,
         num_vis: int = 8,
         seed: int = 0,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["net"], logger=False)
+        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"], logger=False)
         self.net = net
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
         self.num_vis = num_vis
         self.seed = seed
         self._vis: torch.Tensor | None = None
@@ -182,11 +192,8 @@ class MaeModule(pl.LightningModule):
         effective = self.effective_batch_size()
         lr = hp.lr if hp.lr is not None else hp.base_lr * effective / 256
         log.info("MAE lr %.3g (base %.3g x effective batch %d / 256)", lr, hp.base_lr, effective)
-        optimizer = torch.optim.AdamW(
-            mae_param_groups(self.net, hp.weight_decay), lr=lr, betas=tuple(hp.betas)
-        )
-        warmup = hp.warmup_steps if hp.warmup_steps is not None else round(hp.warmup_fraction * total)
-        scheduler = build_scheduler(
-            optimizer, total_steps=total, kind="cosine", warmup_steps=warmup, min_ratio=hp.min_lr_ratio
-        )
+        optimizer = self.optimizer_factory(mae_param_groups(self.net, hp.weight_decay), lr=lr)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer, total_steps=total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

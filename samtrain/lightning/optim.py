@@ -83,25 +83,80 @@ def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -
     return factor
 
 
-def build_scheduler(
+# Every schedule below is a factory for Hydra (`_target_` + `_partial_: true` with its own
+# arguments); the module calls it with the optimizer and the run's total optimizer steps.
+
+
+def warmup_length(total_steps: int, warmup_steps: int | None, warmup_fraction: float | None) -> int:
+    """Warmup steps: ``warmup_steps``, or ``warmup_fraction`` of the run when that is given instead,
+    capped at a tenth of the run so that short runs still train."""
+    if (warmup_steps is None) == (warmup_fraction is None):
+        raise ValueError(
+            f"give the warmup as warmup_steps or warmup_fraction, not both or neither "
+            f"(warmup_steps={warmup_steps}, warmup_fraction={warmup_fraction})"
+        )
+    if warmup_fraction is not None and not 0.0 <= warmup_fraction <= 1.0:
+        raise ValueError(f"warmup_fraction must be in [0, 1], got {warmup_fraction}")
+    if warmup_steps is not None and warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+    length = warmup_steps if warmup_steps is not None else round(warmup_fraction * total_steps)
+    return min(int(length), max(1, total_steps // 10))
+
+
+def milestone_steps(milestones: Sequence[float], unit: str, total_steps: int) -> list[int]:
+    """Milestones as optimizer steps: ``unit`` "step" takes them as they are (positive integers),
+    "fraction" as fractions of ``total_steps`` in (0, 1], rounded to the nearest step."""
+    if unit == "step":
+        if any(m != int(m) or m <= 0 for m in milestones):
+            raise ValueError(f"milestones in steps must be positive integers, got {list(milestones)}")
+        return [int(m) for m in milestones]
+    if unit == "fraction":
+        if any(not 0 < m <= 1 for m in milestones):
+            raise ValueError(f"milestones as fractions of the run must be in (0, 1], got {list(milestones)}")
+        return [round(m * total_steps) for m in milestones]
+    raise ValueError(f"milestone_unit must be 'step' or 'fraction', got {unit!r}")
+
+
+def step_schedule(
     optimizer: Optimizer,
     *,
     total_steps: int,
-    kind: str = "step",
-    warmup_steps: int = 250,
     milestones: Sequence[float] = (2 / 3, 86666 / 90000),
+    milestone_unit: str = "fraction",
     gamma: float = 0.1,
-    min_ratio: float = 0.0,
+    warmup_steps: int | None = 250,
+    warmup_fraction: float | None = None,
 ) -> LambdaLR:
-    """A per-step LambdaLR. ``milestones`` are fractions of total_steps (SAM: 60k and 86.666k of 90k);
-    the warmup is capped at a tenth of the run so that short runs still train."""
-    warmup_steps = min(warmup_steps, max(1, total_steps // 10))
-    if kind == "step":
-        factor = warmup_step_decay(warmup_steps, [round(m * total_steps) for m in milestones], gamma)
-    elif kind == "cosine":
-        factor = warmup_cosine(warmup_steps, total_steps, min_ratio)
-    elif kind == "constant":
-        factor = warmup_step_decay(warmup_steps, [], 1.0)
-    else:
-        raise ValueError(f"unknown lr schedule {kind!r}; choose step, cosine or constant")
-    return LambdaLR(optimizer, factor)
+    """SAM's schedule, per optimizer step: linear warmup, then the lr times ``gamma`` at each
+    milestone (SAM: x0.1 at 60k and 86,666 of 90k iterations). ``milestones`` are steps or
+    fractions of ``total_steps`` by ``milestone_unit`` (see :func:`milestone_steps`); the warmup
+    by :func:`warmup_length`."""
+    warmup = warmup_length(total_steps, warmup_steps, warmup_fraction)
+    steps = milestone_steps(milestones, milestone_unit, total_steps)
+    return LambdaLR(optimizer, warmup_step_decay(warmup, steps, gamma))
+
+
+def cosine_schedule(
+    optimizer: Optimizer,
+    *,
+    total_steps: int,
+    min_ratio: float = 0.0,
+    warmup_steps: int | None = 250,
+    warmup_fraction: float | None = None,
+) -> LambdaLR:
+    """Per optimizer step: linear warmup (:func:`warmup_length`), then half-cycle cosine from the
+    peak lr down to ``min_ratio`` of it at ``total_steps`` (MAE's schedule)."""
+    warmup = warmup_length(total_steps, warmup_steps, warmup_fraction)
+    return LambdaLR(optimizer, warmup_cosine(warmup, total_steps, min_ratio))
+
+
+def constant_schedule(
+    optimizer: Optimizer,
+    *,
+    total_steps: int,
+    warmup_steps: int | None = 250,
+    warmup_fraction: float | None = None,
+) -> LambdaLR:
+    """Per optimizer step: linear warmup (:func:`warmup_length`), then the peak lr throughout."""
+    warmup = warmup_length(total_steps, warmup_steps, warmup_fraction)
+    return LambdaLR(optimizer, warmup_step_decay(warmup, [], 1.0))

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from pytorch_lightning.strategies import FSDPStrategy
 from pytorch_lightning.trainer.states import TrainerFn
+from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.checkpoint import checkpoint
 from torch.utils.data import IterableDataset
 
@@ -29,7 +30,7 @@ from samtrain.interactive.prompts import mask_keys
 from samtrain.interactive.protocols import evaluate_batch
 from samtrain.interactive.simulate import Decode, LossWeights, PromptRecipe, Prompts, simulate_interaction
 from samtrain.lightning.fault_tolerance import load_pending_loader_state, zero_loss
-from samtrain.lightning.optim import build_scheduler, sam_param_groups
+from samtrain.lightning.optim import sam_param_groups
 from samtrain.models.lora import has_lora
 from samtrain.models.sam.image_encoder import set_encoder_checkpointing
 from samtrain.models.sam.mask_decoder import DecoderImage
@@ -45,7 +46,9 @@ class SamModule(pl.LightningModule):
     Args:
         net: the SAM model (``samtrain.models.build_sam``).
         optimizer: a partial optimizer taking the parameter groups (e.g. AdamW).
-        scheduler: keyword arguments of ``samtrain.lightning.optim.build_scheduler`` or None.
+        scheduler: a partial lr schedule, called as ``scheduler(optimizer, total_steps=...)`` with the
+            run's optimizer steps and stepped every optimizer step (e.g.
+            ``samtrain.lightning.optim.step_schedule``); None: the lr stays constant.
         prompts: the prompt simulation recipe.
         loss: loss weights.
         freeze: parts of the model that do not train ("image_encoder", ...).
@@ -71,7 +74,7 @@ class SamModule(pl.LightningModule):
         *,
         net: Sam,
         optimizer: Callable,
-        scheduler: dict | None = None,
+        scheduler: Callable[..., LRScheduler] | None = None,
         prompts: PromptRecipe | None = None,
         loss: LossWeights | None = None,
         freeze: Sequence[str] = (),
@@ -88,10 +91,10 @@ class SamModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         # Plain values only, so checkpoints load with torch.load(weights_only=True).
-        self.save_hyperparameters(ignore=["net", "optimizer", "prompts", "loss"], logger=False)
+        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler", "prompts", "loss"], logger=False)
         self.net = net
         self.optimizer_factory = optimizer
-        self.scheduler_kwargs = dict(scheduler) if scheduler else None
+        self.scheduler_factory = scheduler
         self.prompts = prompts or PromptRecipe()
         self.loss_weights = loss or LossWeights()
         self.hparams.update(prompts=asdict(self.prompts), loss=asdict(self.loss_weights))
@@ -340,9 +343,8 @@ class SamModule(pl.LightningModule):
             layer_decay=self.hparams.layer_decay,
         )
         optimizer = self.optimizer_factory(params=groups)
-        if not self.scheduler_kwargs:
+        if self.scheduler_factory is None:
             return optimizer
-        scheduler = build_scheduler(
-            optimizer, total_steps=int(self.trainer.estimated_stepping_batches), **self.scheduler_kwargs
-        )
+        total_steps = int(self.trainer.estimated_stepping_batches)
+        scheduler = self.scheduler_factory(optimizer, total_steps=total_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,6 +19,7 @@ from samtrain.commands.pretrain_mae import ENCODER_FILE, pretrain
 from samtrain.data.image_folder import MaeDataModule
 from samtrain.lightning.callbacks import SkippedSamplesBudget
 from samtrain.lightning.mae_module import MaeModule, mae_param_groups
+from samtrain.lightning.optim import cosine_schedule
 from samtrain.models import build_sam
 from samtrain.models.mae import build_mae, patchify
 from samtrain.models.mae_transfer import init_encoder_from_mae
@@ -65,7 +67,7 @@ def test_param_groups_exclude_norms_biases_positions_tokens():
 
 def test_lr_scales_with_effective_batch_and_warms_up_then_cosine(tmp_path):
     loader = DataLoader(torch.randn(32, 3, 32, 32), batch_size=4, drop_last=True, collate_fn=image_batch)
-    module = MaeModule(net=tiny_net(32), warmup_steps=2)
+    module = MaeModule(net=tiny_net(32), scheduler=partial(cosine_schedule, warmup_steps=2))
     lrs = []
 
     class Record(pl.Callback):
@@ -86,7 +88,7 @@ def test_lr_scales_with_effective_batch_and_warms_up_then_cosine(tmp_path):
 def test_tiny_mae_loss_falls_on_sample_images(tmp_path):
     pl.seed_everything(0)
     dm = MaeDataModule(root=SAMPLE, image_size=64, batch_size=8, val_fraction=0.1, seed=0)
-    module = MaeModule(net=tiny_net(64), lr=2e-3, warmup_steps=5)
+    module = MaeModule(net=tiny_net(64), lr=2e-3, scheduler=partial(cosine_schedule, warmup_steps=5))
     losses = []
 
     class Record(pl.Callback):
