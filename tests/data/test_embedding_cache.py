@@ -12,12 +12,9 @@ import torch
 
 from samtrain.commands.train import train
 from samtrain.data import CocoInstanceDataset, SamTransform, collate_sam_batch
-from samtrain.data.embedding_cache import (
-    CachedEmbeddingDataset,
-    check_frozen_encoder,
-    ensure_embedding_cache,
-)
+from samtrain.data.embedding_cache import CachedEmbeddingDataset, ensure_embedding_cache
 from samtrain.data.errors import SampleError, SkipBadSamples
+from samtrain.lightning.callbacks.embedding_cache import check_frozen_encoder
 from samtrain.lightning.sam_module import PromptRecipe, SamModule
 from samtrain.models import build_sam
 from tests.conftest import ROOT
