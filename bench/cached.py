@@ -269,10 +269,11 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 r = measure(args, masks, steps, Path(tmp) / "cache")
         t = {s: r.get(s) for s in STEPS}
+        disk = f"{r['disk_mib']:.2f} MiB" if r else "-"
         print(
             f"| {case} | {saved} | {seconds(t['full'])} | {seconds(t['frozen'])} | {seconds(t['cached'])} "
             f"| {ratio(t['full'], t['cached'])} | **{ratio(t['frozen'], t['cached'])}** "
-            f"| {seconds(r.get('item'))} | {r.get('disk_mib', 0):.2f} MiB |",
+            f"| {seconds(r.get('item'))} | {disk} |",
             flush=True,
         )
 

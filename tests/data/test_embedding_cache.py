@@ -112,18 +112,20 @@ def test_cached_step_matches_plain_step(fp32_cache):
 
 
 def test_float16_cache_is_close(tmp_path, fp32_cache):
-    """float16 rounds the embeddings to ~5e-4 relative. Compared on the first pass alone: later
-    passes click where the previous mask was wrong, and a pixel at the threshold can move a click."""
+    """What README.md states: float16 rounds the embeddings to about 2e-4 relative (RMS; measured
+    2.1e-4), and a first pass's loss agrees with the plain step's to 1e-5 relative (measured 1e-6).
+    Compared on the first pass alone: later passes click where the previous mask was wrong, and a
+    pixel at the threshold can move a click."""
     net, dataset, fp32 = fp32_cache
     fp16 = cached(dataset, net, tmp_path / "float16", dtype="float16")
     items = [0, 1, 2]
     exact = torch.stack([fp32[i]["image_embedding"] for i in items])
     rounded = torch.stack([fp16[i]["image_embedding"] for i in items])
-    assert ((rounded - exact).norm() / exact.norm()) < 1e-3
+    assert ((rounded - exact).norm() / exact.norm()) < 3e-4
     module = trainer_of(net, num_click_passes=0, num_mask_only_passes=0)
     plain_loss, _ = step(module, collate_sam_batch([dataset[i] for i in items]))
     cached_loss, _ = step(module, collate_sam_batch([fp16[i] for i in items]))
-    torch.testing.assert_close(cached_loss, plain_loss, atol=0, rtol=1e-3)
+    torch.testing.assert_close(cached_loss, plain_loss, atol=0, rtol=1e-5)
 
 
 def test_cache_reused_then_rebuilt_on_changes(tmp_path, caplog):
