@@ -12,6 +12,7 @@ import torch
 
 from samtrain.commands.train import train
 from samtrain.data import CocoInstanceDataset, SamTransform, collate_sam_batch
+from samtrain.data.datamodule import SamDataModule
 from samtrain.data.embedding_cache import CachedEmbeddingDataset, ensure_embedding_cache
 from samtrain.data.errors import SampleError, SkipBadSamples
 from samtrain.lightning.callbacks.embedding_cache import check_frozen_encoder
@@ -236,3 +237,14 @@ def test_fast_dev_run_with_the_experiment(tiny_cfg, tmp_path, caplog):
     caplog.set_level("INFO", logger="samtrain.data.embedding_cache")
     train(cfg)  # a second run reuses both caches
     assert caplog.text.count("up to date, reused") == 2 and "rebuilding" not in caplog.text
+
+
+def test_the_datamodule_swaps_its_datasets_through_a_public_method():
+    dataset = sample_dataset()
+    datamodule = SamDataModule(train_dataset=dataset, val_dataset=dataset)
+    assert datamodule.datasets() == {"train": dataset, "val": dataset}
+    replacement = sample_dataset(max_mask_fraction=0.5)
+    datamodule.replace_datasets({"val": replacement})
+    assert datamodule.datasets() == {"train": dataset, "val": replacement}
+    with pytest.raises(ValueError, match="no split"):
+        datamodule.replace_datasets({"training": replacement})
