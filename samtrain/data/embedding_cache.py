@@ -58,7 +58,7 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm.auto import tqdm
 
 from samtrain.data.base import undeclared_arguments
@@ -624,6 +624,11 @@ def ensure_embedding_cache(
     """The cache folder of ``dataset`` under ``net``'s image encoder: reused when its key matches,
     else rebuilt with :func:`build_embedding_cache` (only the items whose own files changed, when
     nothing else did; see the module docstring); the log says what changed. Returns ``folder``."""
+    if isinstance(dataset, IterableDataset):
+        raise ValueError(
+            f"embedding cache: {type(dataset).__name__} is a stream; the cache needs a map-style dataset "
+            "(for SA-1B, extract the shards and use Sa1bDataset)"
+        )
     folder = Path(folder)
     manifest, problem = read_manifest(folder)
     old_sources = read_sources(folder, manifest)

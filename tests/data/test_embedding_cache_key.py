@@ -24,6 +24,7 @@ from samtrain.data import (
     CocoInstanceDataset,
     InstanceMaskFolder,
     Sa1bDataset,
+    Sa1bTarStream,
     SamDataset,
     SampleError,
     SamTransform,
@@ -32,7 +33,7 @@ from samtrain.data import (
 from samtrain.data.base import constructor_parameters, undeclared_arguments
 from samtrain.data.embedding_cache import CachedEmbeddingDataset, ensure_embedding_cache
 from samtrain.models import build_sam
-from tests.data_builders import make_sa1b_folder
+from tests.data_builders import make_sa1b_folder, make_sa1b_tar
 
 H, W, N = 32, 48, 6  # image height, width and count of every tiny dataset here
 
@@ -429,3 +430,11 @@ def test_touched_or_copied_files_with_the_same_content_are_reused(tmp_path, enco
     stored = json.loads((folder / "sources.json").read_text())["files"]
     assert stored[str(image)]["stat"][1] == 10**18  # the new stats are kept: no hashing next time
     encoded.handle.remove()
+
+
+def test_a_stream_is_refused_with_the_way_out(tmp_path, encoder_net):
+    make_sa1b_tar(tmp_path / "shard.tar", range(2))
+    stream = Sa1bTarStream(shards=tmp_path / "shard.tar", transform=transform())
+    assert stream.source_files() == [tmp_path / "shard.tar"]
+    with pytest.raises(ValueError, match="Sa1bDataset"):
+        ensure_embedding_cache(stream, encoder_net, tmp_path / "c")
