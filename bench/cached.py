@@ -1,12 +1,19 @@
-"""Cached-embedding benchmark: `python -m bench.cached` (see --help).
+"""Cached-embedding benchmark, three steps: `python -m bench.cached` (see --help).
 
-Times one training step of the full model (image encoder forward + backward, 1 + 8 + 2 decoder
-passes over K masks with mask feedback, loss, backward, AdamW over every parameter) against the
-cached-embedding step (the embedding read from the memory-mapped cache, the same decoder passes,
-AdamW over the prompt encoder and mask decoder), vit_b at 1024 px by default, on a synthetic batch
-(bench.common). The cache is built by samtrain.data.embedding_cache in a temporary folder. Also
-reports the time to read one cached item (embedding + RLE masks; DataLoader workers do this in
-parallel with the step) and the cache size per image. Prints a Markdown table.
+The cache only applies with a frozen image encoder, so its fair baseline is the frozen-encoder
+step without a cache, not full fine-tuning. Three steps, each one optimisation step (1 + 8 + 2
+decoder passes over K masks per image with mask feedback, loss, backward, AdamW):
+
+- full: full fine-tuning, the image encoder's forward and backward, AdamW over every parameter;
+- frozen: the encoder frozen (``model.freeze=[image_encoder]``), its forward run without a graph
+  on every step, AdamW over the prompt encoder and mask decoder;
+- cached: the same frozen model reading the embedding from the memory-mapped cache
+  (samtrain.data.embedding_cache, built in a temporary folder) instead of running the encoder.
+
+FLOPs (forward + backward) are counted by torch's FlopCounterMode on the meta device: exact and
+independent of the machine's load. Times (median of interleaved rounds after a warm-up step) are
+taken for the steps whose saved activations fit in 80% of the available memory. vit_b at 1024 px,
+one synthetic image (bench.common) with 1, 2 and 16 masks by default. Prints Markdown tables.
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ from samtrain.interactive.simulate import PromptRecipe
 from samtrain.lightning.sam_module import SamModule
 from samtrain.models import build_sam
 
+STEPS = ("full", "frozen", "cached")
+
 
 class Preprocessed:
     """Stands for the eval transform of the synthetic samples (already preprocessed, no augmentation)."""
@@ -40,12 +49,19 @@ class Preprocessed:
 
 
 class SyntheticSamples(Dataset):
-    """The images and masks of a synthetic batch as items of the SAM sample contract."""
+    """The images and masks of a synthetic batch as items of the SAM sample contract (the cache
+    key's dataset contract: no sample-changing argument but the batch, no file read)."""
 
+    SAMPLE_ARGS: tuple[str, ...] = ("seed",)
+    NON_SAMPLE_ARGS: tuple[str, ...] = ("batch",)
     transform = Preprocessed()
 
-    def __init__(self, batch: dict) -> None:
+    def __init__(self, *, batch: dict, seed: int) -> None:
         self.batch = batch
+        self.seed = seed
+
+    def source_files(self) -> list[Path]:
+        return []
 
     def __len__(self) -> int:
         return len(self.batch["image"])
@@ -94,8 +110,8 @@ def interleaved_medians(fns: dict, repeats: int) -> dict[str, float]:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def _count(fn) -> tuple[float, float]:
-    """FLOPs of fn() and the backward of its outputs' sum, and the bytes autograd saves for it."""
+def _count(fn, *, backward: bool = True) -> tuple[float, float]:
+    """FLOPs of fn() (and the backward of its outputs' sum), and the bytes autograd saves for it."""
     saved = 0
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -106,20 +122,24 @@ def _count(fn) -> tuple[float, float]:
     with FlopCounterMode(display=False) as counter:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             outputs = fn()
-        sum(o.sum() for o in outputs).backward()
+        if backward:
+            sum(o.sum() for o in outputs).backward()
     return float(counter.get_total_flops()), float(saved)
 
 
 def meta_counts(variant: str, image_size: int, images: int, masks: int, passes: int) -> dict[str, float]:
-    """FLOPs (forward + backward) and saved activations of the encoder and of the decoder passes,
-    traced on the meta device: nothing is computed, so the counts are exact and load-free. The
-    decoder side is what a training step runs: the image prepared once (``Sam.prepare_image``), then
-    ``passes`` decoder passes, each counted with 3 points and a mask prompt (a click pass). Saved
-    bytes are an upper bound (tensors saved by two operations count twice)."""
+    """GFLOPs of each step's parts and the saved activations (GB) of each step, traced on the meta
+    device (nothing is computed). Encoder: forward + backward (full) or forward without a graph
+    (frozen). Decoder side: the image prepared once (``Sam.prepare_image``), then ``passes`` decoder
+    passes, each counted with 3 points and a mask prompt (a click pass), forward + backward; the
+    same in all three steps. Saved bytes are an upper bound (a tensor saved twice counts twice)."""
     size, n = image_size, images * masks
     with torch.device("meta"):
         net = build_sam(variant, image_size=image_size)
-        enc_flops, enc_saved = _count(lambda: (net.image_encoder(torch.zeros(images, 3, size, size)),))
+        x = torch.zeros(images, 3, size, size)
+        enc_flops, enc_saved = _count(lambda: (net.image_encoder(x),))
+        with torch.no_grad():
+            frozen_flops, _ = _count(lambda: (net.image_encoder(x),), backward=False)
         embeddings = torch.zeros(images, 256, size // 16, size // 16)
         prep_flops, prep_saved = _count(lambda: net.prepare_image(embeddings).tensors())
         image = net.prepare_image(embeddings)
@@ -129,12 +149,18 @@ def meta_counts(variant: str, image_size: int, images: int, masks: int, passes: 
         dec_flops, dec_saved = _count(
             lambda: net.decode_masks(image, points=points, mask_inputs=mask_inputs, image_indices=indices)
         )
-    decoder_saved = prep_saved + passes * dec_saved
+    decoder_gflop = (prep_flops + passes * dec_flops) / 1e9
+    decoder_gb = (prep_saved + passes * dec_saved) / 1e9
     return {
-        "encoder_gflop": enc_flops / 1e9,
-        "decoder_gflop": (prep_flops + passes * dec_flops) / 1e9,
-        "full_gb": (enc_saved + decoder_saved) / 1e9,
-        "cached_gb": decoder_saved / 1e9,
+        "encoder_train_gflop": enc_flops / 1e9,
+        "encoder_forward_gflop": frozen_flops / 1e9,
+        "decoder_gflop": decoder_gflop,
+        "gflop": {
+            "full": enc_flops / 1e9 + decoder_gflop,
+            "frozen": frozen_flops / 1e9 + decoder_gflop,
+            "cached": decoder_gflop,
+        },
+        "saved_gb": {"full": enc_saved / 1e9 + decoder_gb, "frozen": decoder_gb, "cached": decoder_gb},
     }
 
 
@@ -149,10 +175,12 @@ def available_gb() -> float | None:
     return None
 
 
-def measure(args, batch: dict, folder: Path) -> dict:
-    full = make_module(args.variant, args.image_size, ())
+def measure(args, masks: int, steps: tuple[str, ...], folder: Path) -> dict:
+    """Median seconds of each of ``steps``, the time to read one cached item, the cache's MiB per image."""
+    batch = synthetic_batch(args.images, masks, args.image_size)
     frozen = make_module(args.variant, args.image_size, ("image_encoder",))
-    ensure_embedding_cache(SyntheticSamples(batch), frozen.net, folder, dtype=args.dtype, batch_size=1)
+    samples = SyntheticSamples(batch=batch, seed=0)
+    ensure_embedding_cache(samples, frozen.net, folder, dtype=args.dtype, batch_size=1)
     cache = CachedEmbeddingDataset(folder)
     rest = {k: v for k, v in batch.items() if k != "image"}
 
@@ -160,11 +188,23 @@ def measure(args, batch: dict, folder: Path) -> dict:
         embeddings = torch.stack([cache.embedding(i) for i in range(len(cache))])
         return {**rest, "image_embedding": embeddings}
 
-    steps = {"full": make_step(full, lambda: batch), "cached": make_step(frozen, cached_batch)}
-    result = interleaved_medians(steps, args.repeats)
+    makers = {
+        "full": lambda: make_step(make_module(args.variant, args.image_size, ()), lambda: batch),
+        "frozen": lambda: make_step(frozen, lambda: batch),
+        "cached": lambda: make_step(frozen, cached_batch),
+    }
+    result = interleaved_medians({name: makers[name]() for name in steps}, args.repeats)
     result["item"] = timed(lambda: cache[0], 5)
     result["disk_mib"] = sum(f.stat().st_size for f in folder.iterdir()) / len(cache) / 2**20
     return result
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}x" if a is not None and b is not None else "-"
+
+
+def seconds(value: float | None) -> str:
+    return f"{value:.3f}" if value is not None else "not timed"
 
 
 def main() -> None:
@@ -174,53 +214,69 @@ def main() -> None:
     parser.add_argument("--variant", default="vit_b", choices=["vit_t", "vit_b", "vit_l", "vit_h"])
     parser.add_argument("--image-size", type=int, default=1024)
     parser.add_argument("--images", type=int, default=1, help="images per batch")
-    parser.add_argument("--masks", type=int, default=16, help="masks per image (K)")
+    parser.add_argument("--masks", type=int, nargs="+", default=[1, 2, 16], help="masks per image (K)")
     parser.add_argument("--dtype", default="float16", choices=["float16", "float32"])
     parser.add_argument(
         "--repeats",
         type=int,
         default=2,
-        help="timed rounds (full and cached step alternate) after one warm-up step each",
+        help="timed rounds (the steps alternate) after one warm-up step each",
     )
     parser.add_argument("--flops-only", action="store_true", help="only the meta-device counts (seconds)")
     args = parser.parse_args()
     recipe = PromptRecipe()
     passes = 1 + recipe.num_click_passes + recipe.num_mask_only_passes
-    case = f"{args.variant} {args.image_size}px, {args.images} img x {args.masks} masks, {passes} passes"
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"{platform.processor() or platform.machine()}, fp32 compute, {args.dtype} cache"
+        f"{platform.processor() or platform.machine()}, fp32 compute, {args.dtype} cache, "
+        f"{available_gb() or 0:.0f} GB available"
     )
-    c = meta_counts(args.variant, args.image_size, args.images, args.masks, passes)
-    full, cached = c["encoder_gflop"] + c["decoder_gflop"], c["decoder_gflop"]
-    print("\nCounted on the meta device (forward + backward; saved activations are an upper bound):\n")
-    print("| case | encoder GFLOP | decoder GFLOP | full / cached FLOPs | saved activations full / cached |")
-    print("|---|---|---|---|---|")
+    cases = {}
+    for masks in args.masks:
+        case = f"{args.variant} {args.image_size}px, {args.images} img x {masks} masks, {passes} passes"
+        cases[masks] = (case, meta_counts(args.variant, args.image_size, args.images, masks, passes))
+    print("\nGFLOP per step, counted on the meta device (forward + backward):\n")
     print(
-        f"| {case} | {c['encoder_gflop']:.0f} | {cached:.0f} | {full / cached:.2f}x "
-        f"| {c['full_gb']:.1f} / {c['cached_gb']:.1f} GB |",
-        flush=True,
+        "| case | encoder fwd+bwd / fwd | decoder side | full | frozen | cached "
+        "| full / cached | **frozen / cached** | full / frozen |"
     )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for case, c in cases.values():
+        g = c["gflop"]
+        print(
+            f"| {case} | {c['encoder_train_gflop']:.0f} / {c['encoder_forward_gflop']:.0f} "
+            f"| {c['decoder_gflop']:.0f} | {g['full']:.0f} | {g['frozen']:.0f} | {g['cached']:.0f} "
+            f"| {ratio(g['full'], g['cached'])} | **{ratio(g['frozen'], g['cached'])}** "
+            f"| {ratio(g['full'], g['frozen'])} |",
+            flush=True,
+        )
     if args.flops_only:
         return
-    free = available_gb()
-    if free is not None and c["full_gb"] > 0.8 * free:
-        print(
-            f"\nNot timed: the full step would save about {c['full_gb']:.0f} GB of activations and "
-            f"{free:.0f} GB are available; try fewer --masks or a smaller --image-size."
-        )
-        return
-    batch = synthetic_batch(args.images, args.masks, args.image_size)
-    with tempfile.TemporaryDirectory() as tmp:
-        r = measure(args, batch, Path(tmp) / "cache")
-    print(f"\nMeasured (median of {args.repeats} interleaved rounds after a warm-up step each):\n")
-    print("| case | full step (s) | cached step (s) | speed-up | cached item read (s) | cache per image |")
-    print("|---|---|---|---|---|---|")
     print(
-        f"| {case} | {r['full']:.3f} | {r['cached']:.3f} | {r['full'] / r['cached']:.2f}x "
-        f"| {r['item']:.4f} | {r['disk_mib']:.2f} MiB |",
-        flush=True,
+        f"\nSeconds per step (median of {args.repeats} interleaved rounds after a warm-up step each; "
+        "a step is timed when its saved activations fit in 80% of the available memory):\n"
     )
+    print(
+        "| case | saved activations full / frozen / cached (GB) | full (s) | frozen (s) | cached (s) "
+        "| full / cached | **frozen / cached** | cached item read (s) | cache per image |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for masks, (case, c) in cases.items():
+        free = available_gb()
+        steps = tuple(s for s in STEPS if free is None or c["saved_gb"][s] < 0.8 * free)
+        saved = " / ".join(f"{c['saved_gb'][s]:.1f}" for s in STEPS)
+        r: dict = {}
+        if steps:
+            with tempfile.TemporaryDirectory() as tmp:
+                r = measure(args, masks, steps, Path(tmp) / "cache")
+        t = {s: r.get(s) for s in STEPS}
+        disk = f"{r['disk_mib']:.2f} MiB" if r else "-"
+        print(
+            f"| {case} | {saved} | {seconds(t['full'])} | {seconds(t['frozen'])} | {seconds(t['cached'])} "
+            f"| {ratio(t['full'], t['cached'])} | **{ratio(t['frozen'], t['cached'])}** "
+            f"| {seconds(r.get('item'))} | {disk} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

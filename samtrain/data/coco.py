@@ -153,6 +153,18 @@ class CocoInstanceDataset(SamDataset):
         val_fraction, split_seed: the split's share of val images and its seed.
     """
 
+    SAMPLE_ARGS = (
+        "annotation_file",
+        "image_dir",
+        "category_ids",
+        "include_crowd",
+        "min_mask_area",
+        "split",
+        "val_fraction",
+        "split_seed",
+    )
+    NON_SAMPLE_ARGS = ("transform",)
+
     def __init__(
         self,
         *,
@@ -170,13 +182,15 @@ class CocoInstanceDataset(SamDataset):
         self.image_dir = Path(image_dir)
         self.transform = transform
         self.min_mask_area = int(min_mask_area)
+        self.include_crowd = bool(include_crowd)
+        self.split, self.val_fraction, self.split_seed = split, float(val_fraction), int(split_seed)
         coco = _read_coco_json(self.annotation_file)
         if not self.image_dir.is_dir():
             raise FileNotFoundError(
                 f"image folder {self.image_dir} (for {self.annotation_file}) does not exist"
             )
         self.category_ids = _check_category_ids(category_ids, coco, self.annotation_file)
-        records = _build_records(coco, self.annotation_file, self.category_ids, include_crowd)
+        records = _build_records(coco, self.annotation_file, self.category_ids, self.include_crowd)
         records = select_split(records, lambda r: r["file_name"], split, val_fraction, split_seed)
         self.image_ids = np.array([_int_id(r["id"], self.annotation_file) for r in records], dtype=np.int64)
         # Records live in one numpy byte buffer rather than many Python objects, so forked
@@ -195,6 +209,13 @@ class CocoInstanceDataset(SamDataset):
 
     def sample_name(self, index: int) -> str:
         return str(self.image_dir / self.record(index)["file_name"])
+
+    def source_files(self) -> list[Path]:
+        """The annotation file and every image of the dataset."""
+        return [self.annotation_file] + [f for i in range(len(self)) for f in self.sample_files(i)]
+
+    def sample_files(self, index: int) -> list[Path]:
+        return [self.image_dir / self.record(index)["file_name"]]
 
     def load_encoded_sample(self, index: int) -> dict:
         """The untransformed sample with masks as RleMasks (K, H, W)."""

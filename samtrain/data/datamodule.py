@@ -175,6 +175,22 @@ class SamDataModule(LightningDataModule):
         )
         self.seed = seed
 
+    SPLITS = ("train", "val", "test")
+
+    def datasets(self) -> dict[str, Dataset]:
+        """The datasets it holds by split ("train", "val", "test"), those not given left out."""
+        held = {split: getattr(self, f"{split}_dataset") for split in self.SPLITS}
+        return {split: dataset for split, dataset in held.items() if dataset is not None}
+
+    def replace_datasets(self, datasets: Mapping[str, Dataset]) -> None:
+        """Swap the datasets of the splits named in ``datasets`` (e.g. for readers of an embedding
+        cache); loaders made afterwards read the new ones. ValueError for an unknown split."""
+        unknown = sorted(set(datasets) - set(self.SPLITS))
+        if unknown:
+            raise ValueError(f"SamDataModule has no split {unknown}; splits are {self.SPLITS}")
+        for split, dataset in datasets.items():
+            setattr(self, f"{split}_dataset", dataset)
+
     @property
     def val_batch_size(self) -> int:
         return self._val_batch_size if self._val_batch_size is not None else self.batch_size

@@ -1,13 +1,17 @@
-"""Cached image embeddings: the frozen image encoder runs once per image, and the prompt encoder and
-mask decoder then train from the stored embeddings (SAM's full click recipe, no augmentation).
+"""Cached image embeddings, the storage: build a cache folder, validate it against its key, read it.
+Nothing here touches a trainer (the Lightning wiring is
+:class:`samtrain.lightning.callbacks.EmbeddingCache`).
 
-A cache folder holds one dataset (one split), all ``numpy`` files, nothing pickled::
+The frozen image encoder runs once per image, and the prompt encoder and mask decoder then train
+from the stored embeddings (SAM's full click recipe, no augmentation). A cache folder holds one
+dataset (one split), all ``numpy`` or JSON files, nothing pickled::
 
     embeddings.npy  (N, C, S/16, S/16) float16 | float32   read memory-mapped (np.load(mmap_mode="r"))
     masks.npy       (total,) uint8                          every mask's COCO compressed-RLE counts, concatenated
     index.npz       ok (N,) bool, input_size (N, 2), original_size (N, 2), image_id (N,) int64,
                     mask_start (N + 1,) int64 (item i owns masks mask_start[i]:mask_start[i+1]),
                     rle_start (M + 1,) int64 (mask m's counts are masks[rle_start[m]:rle_start[m+1]])
+    sources.json    every file the dataset reads: its SHA-256 and the stat it was hashed at
     manifest.json   the cache key and what went into it; written last
 
 The masks are cached too, as compressed RLE at the model resolution (S x S): then an item is read
@@ -15,23 +19,37 @@ without opening its image file, decoding the dataset's annotations or resizing a
 keeps them small (about 1 KB per mask at 1024 px, against 128 KB as packed bits). Decoding them
 back is exact.
 
-The key hashes the encoder's weights (every state_dict tensor's bytes), the image size, the pixel
-normalisation, the transform's repr, the dataset's identity (annotation file path, mtime and size,
-image folder, length), the compute precision and the stored dtype. When a folder's manifest is
-missing or its key differs, the cache is rebuilt: the old manifest is deleted first, the data files
-are written under temporary names and moved into place with ``os.replace``, and the manifest comes
-last, so an interrupted build never leaves a cache that looks valid.
+The key covers everything that changes a cached item:
+
+- the encoder's weights (every state_dict tensor's bytes), the image size, the pixel
+  normalisation (the model's and the transform's), the transform's repr, the compute precision and
+  the stored dtype;
+- the dataset: its class, every constructor argument that changes a sample (its ``SAMPLE_ARGS``,
+  the split among them; see :mod:`samtrain.data.base`) and its length;
+- the content of every file it reads (its ``source_files()``): a SHA-256 per file, computed once
+  and kept in ``sources.json``. A later check hashes again only the files whose size, mtime,
+  ctime or inode changed, so a file rewritten in place with the same size and its mtime kept
+  (``cp -p``, ``rsync -t``) is still seen (the ctime changes), and a file only touched is not
+  rebuilt for (its hash is the same).
+
+When only the content of per-item files changed (an image or mask rewritten; the dataset's
+``sample_files(index)`` says which items read them), only those items are encoded again and the
+rest is copied from the old cache; any other change rebuilds the whole cache. The log says what
+changed. A rebuild deletes the old manifest first, writes the data files under temporary names,
+moves them into place with ``os.replace`` and writes the manifest last, so an interrupted build
+never leaves a cache that looks valid.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,9 +58,10 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm.auto import tqdm
 
+from samtrain.data.base import undeclared_arguments
 from samtrain.data.errors import SampleError
 
 __all__ = [
@@ -50,15 +69,18 @@ __all__ = [
     "CachedEmbeddingDataset",
     "build_embedding_cache",
     "cache_key",
+    "dataset_description",
     "encoder_fingerprint",
     "ensure_embedding_cache",
+    "hash_source_files",
 ]
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 DTYPES = {"float16": np.float16, "float32": np.float32}
-EMBEDDINGS, MASKS, INDEX, MANIFEST = "embeddings.npy", "masks.npy", "index.npz", "manifest.json"
+EMBEDDINGS, MASKS, INDEX = "embeddings.npy", "masks.npy", "index.npz"
+SOURCES, MANIFEST = "sources.json", "manifest.json"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -75,30 +97,41 @@ def encoder_fingerprint(encoder: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _file_identity(path: str | Path) -> dict:
-    path = Path(path).resolve()
-    stat = path.stat() if path.exists() else None
-    return {
-        "path": str(path),
-        "mtime_ns": stat.st_mtime_ns if stat else None,
-        "size": stat.st_size if stat else None,
-    }
+def canonical(value: Any) -> Any:
+    """A JSON value that equals another's exactly when the two arguments select the same samples:
+    paths absolute, sets sorted, tuples as lists, numpy scalars as Python numbers."""
+    if isinstance(value, Path):
+        return os.path.abspath(value)
+    if isinstance(value, (set, frozenset)):
+        return sorted((canonical(v) for v in value), key=repr)
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [canonical(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): canonical(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(value, np.generic):
+        return value.item()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return repr(value)
 
 
-def dataset_identity(dataset: Dataset) -> dict:
-    """What identifies a dataset's content: its ``cache_identity()`` when it has one, else its class,
-    length, annotation file (path, mtime, size) and image folder when it has them."""
-    identity: dict[str, Any] = {"class": type(dataset).__qualname__, "length": len(dataset)}
-    custom = getattr(dataset, "cache_identity", None)
-    if callable(custom):
-        identity["custom"] = custom()
-    for attr in ("annotation_file", "image_dir", "root"):
-        value = getattr(dataset, attr, None)
-        if value is not None:
-            identity[attr] = (
-                _file_identity(value) if attr == "annotation_file" else str(Path(value).resolve())
-            )
-    return identity
+def dataset_description(dataset: Dataset) -> dict:
+    """The dataset's part of the key: its class, its ``SAMPLE_ARGS`` values and its length.
+    ValueError when the dataset does not follow the contract of :mod:`samtrain.data.base`."""
+    cls = type(dataset)
+    name = f"{cls.__module__}.{cls.__qualname__}"
+    problems = undeclared_arguments(cls)
+    if not hasattr(cls, "SAMPLE_ARGS") or not callable(getattr(dataset, "source_files", None)):
+        problems.insert(0, "it declares no SAMPLE_ARGS / source_files()")
+    missing = [a for a in getattr(cls, "SAMPLE_ARGS", ()) if not hasattr(dataset, a)]
+    problems += [f"SAMPLE_ARGS names {a!r}, which the instance does not keep" for a in missing]
+    if problems:
+        raise ValueError(
+            f"embedding cache: {name} cannot be keyed: {'; '.join(problems)} (the dataset contract is in "
+            "samtrain.data.base: SAMPLE_ARGS, NON_SAMPLE_ARGS, source_files())"
+        )
+    args = {a: canonical(getattr(dataset, a)) for a in cls.SAMPLE_ARGS}
+    return {"class": name, "args": args, "length": len(dataset)}
 
 
 def _normalisation(transform: Any, net: nn.Module) -> dict:
@@ -134,10 +167,57 @@ def check_eval_transform(dataset: Dataset) -> Any:
     return transform
 
 
+def _file_name(path: str | Path) -> str:
+    return os.path.abspath(path)
+
+
+def _stat(path: str) -> list[int] | None:
+    """What a cheap check compares: size, mtime, ctime (which ``cp -p`` / ``rsync -t`` cannot keep)
+    and inode; None for a missing file."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def _sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def hash_source_files(paths: Iterable[str | Path], known: dict[str, dict] | None = None) -> dict[str, dict]:
+    """``{absolute path: {"stat": [size, mtime_ns, ctime_ns, inode] | None, "sha256": str | None}}``
+    for ``paths`` (None for a missing file). A file whose stat equals its entry in ``known`` keeps
+    that entry's hash; the others are read and hashed (with a progress bar)."""
+    known = known or {}
+    table: dict[str, dict] = {}
+    to_hash = []
+    for name in sorted({_file_name(p) for p in paths}):
+        stat = _stat(name)
+        entry = known.get(name)
+        if stat is None or (entry is not None and entry.get("stat") == stat):
+            table[name] = {"stat": stat, "sha256": entry["sha256"] if stat is not None else None}
+        else:
+            to_hash.append((name, stat))
+    for name, stat in tqdm(
+        to_hash, desc="embedding cache: hashing source files", unit="file", disable=not to_hash
+    ):
+        table[name] = {"stat": stat, "sha256": _sha256(name)}
+    return table
+
+
+def files_digest(table: dict[str, dict]) -> str:
+    """SHA-256 over every (path, content hash) of a source table."""
+    pairs = sorted((name, entry["sha256"]) for name, entry in table.items())
+    return hashlib.sha256(json.dumps(pairs).encode()).hexdigest()
+
+
 def cache_key(
-    net: nn.Module, dataset: Dataset, *, dtype: str, precision: str = "32-true"
+    net: nn.Module, dataset: Dataset, *, dtype: str, precision: str = "32-true", sources: dict[str, dict]
 ) -> tuple[str, dict]:
-    """(digest, components): the key of ``dataset``'s cache under ``net``'s image encoder."""
+    """(digest, components): the key of ``dataset``'s cache under ``net``'s image encoder, with
+    ``sources`` its source files' table (:func:`hash_source_files`)."""
     transform = check_eval_transform(dataset)
     components = {
         "format": CACHE_FORMAT,
@@ -145,7 +225,8 @@ def cache_key(
         "image_size": int(net.image_size),
         "normalisation": _normalisation(transform, net),
         "transform": repr(transform),
-        "dataset": dataset_identity(dataset),
+        "dataset": dataset_description(dataset),
+        "files": files_digest(sources),
         "precision": str(precision),
         "dtype": dtype,
     }
@@ -153,9 +234,41 @@ def cache_key(
     return digest, components
 
 
-def _changed(old: dict, new: dict) -> list[str]:
-    keys = sorted(set(old) | set(new))
-    return [k for k in keys if old.get(k) != new.get(k)]
+def _short(value: Any, limit: int = 80) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+
+
+def component_changes(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Every leaf that differs between two key components, as ``"path: old -> new"``."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        changes = []
+        for k in sorted(set(old) | set(new)):
+            changes += component_changes(old.get(k), new.get(k), f"{prefix}.{k}" if prefix else k)
+        return changes
+    if old == new:
+        return []
+    if prefix in ("encoder", "files"):  # digests say nothing readable
+        return [f"{prefix} changed"]
+    return [f"{prefix}: {_short(old)} -> {_short(new)}"]
+
+
+def file_changes(old: dict[str, dict], new: dict[str, dict]) -> dict[str, list[str]]:
+    """The paths ``changed`` (content), ``added`` and ``removed`` between two source tables."""
+    return {
+        "changed": sorted(n for n in set(old) & set(new) if old[n]["sha256"] != new[n]["sha256"]),
+        "added": sorted(set(new) - set(old)),
+        "removed": sorted(set(old) - set(new)),
+    }
+
+
+def describe_file_changes(changes: dict[str, list[str]]) -> str:
+    parts = []
+    for kind, names in changes.items():
+        if names:
+            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            parts.append(f"{len(names)} {kind} ({shown})")
+    return "files: " + "; ".join(parts)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -183,15 +296,18 @@ def decode_masks(counts: list[bytes], size: int) -> torch.Tensor:
 
 
 class _IndexedSamples(Dataset):
-    """``(index, sample)`` pairs; an unreadable sample (SampleError) becomes ``(index, None)``."""
+    """``(index, sample)`` pairs of the items ``indices``; an unreadable sample (SampleError)
+    becomes ``(index, None)``."""
 
-    def __init__(self, dataset: Dataset) -> None:
+    def __init__(self, dataset: Dataset, indices: Sequence[int]) -> None:
         self.dataset = dataset
+        self.indices = indices
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return len(self.indices)
 
-    def __getitem__(self, index: int) -> tuple[int, dict | None]:
+    def __getitem__(self, position: int) -> tuple[int, dict | None]:
+        index = int(self.indices[position])
         try:
             return index, self.dataset[index]
         except SampleError as err:
@@ -205,7 +321,7 @@ def _as_list(batch: list) -> list:
 
 @dataclass
 class _Writer:
-    """Accumulates items while the encoder runs; embeddings go straight into a memory-mapped file."""
+    """Takes the items in dataset order; embeddings go straight into a memory-mapped file."""
 
     folder: Path
     dtype: str
@@ -221,8 +337,7 @@ class _Writer:
         self.rle_lengths: list[int] = []
         self.rle_file = (self.folder / "masks.tmp.bin").open("wb")
 
-    def add(self, index: int, sample: dict, embedding: np.ndarray) -> None:
-        """One item in dataset order: its (C, h, w) embedding and its sample's metadata and masks."""
+    def _put(self, index: int, embedding: np.ndarray, meta: dict, counts: list[bytes]) -> None:
         if self.embeddings is None:
             self.embeddings = np.lib.format.open_memmap(
                 self.folder / "embeddings.tmp.npy",
@@ -236,14 +351,25 @@ class _Writer:
                 f"embedding cache {self.folder}: item {index}'s embedding overflows {self.dtype}; use float32"
             )
         self.ok[index] = True
-        self.input_size[index] = np.asarray(sample["input_size"])
-        self.original_size[index] = np.asarray(sample["original_size"])
-        self.image_id[index] = int(sample["image_id"])
-        counts = encode_masks(sample["masks"])
+        self.input_size[index] = np.asarray(meta["input_size"])
+        self.original_size[index] = np.asarray(meta["original_size"])
+        self.image_id[index] = int(meta["image_id"])
         self.masks_per_item[index] = len(counts)
         for c in counts:
             self.rle_file.write(c)
             self.rle_lengths.append(len(c))
+
+    def add(self, index: int, sample: dict, embedding: np.ndarray) -> None:
+        """A freshly encoded item: its (C, h, w) embedding and its sample's metadata and masks."""
+        self._put(index, embedding, sample, encode_masks(sample["masks"]))
+
+    def copy(self, index: int, old: CachedEmbeddingDataset) -> None:
+        """Item ``index`` as the old cache ``old`` holds it (an unreadable one stays unreadable)."""
+        arrays = old.open_arrays()
+        idx = arrays[2]
+        if idx["ok"][index]:
+            meta = {k: idx[k][index] for k in ("input_size", "original_size", "image_id")}
+            self._put(index, arrays[0][index], meta, list(old.mask_counts(index)))
 
     def finish(self) -> dict:
         """Write every file under its final name (os.replace); returns the manifest's shape fields."""
@@ -285,8 +411,36 @@ class _Writer:
 
 def _write_json_atomic(path: Path, data: dict) -> None:
     tmp = path.with_name(f"{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
     os.replace(tmp, path)
+
+
+def _encoded(
+    dataset: Dataset,
+    indices: Sequence[int],
+    encoder: nn.Module,
+    *,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+    forward_context: Callable[[], contextlib.AbstractContextManager],
+    desc: str,
+) -> Iterator[tuple[int, dict | None, np.ndarray | None]]:
+    """(index, sample, (C, h, w) embedding) of every item of ``indices`` in their order; an
+    unreadable item gives (index, None, None)."""
+    loader = DataLoader(
+        _IndexedSamples(dataset, indices), batch_size=batch_size, num_workers=num_workers, collate_fn=_as_list
+    )
+    for items in tqdm(loader, desc=desc, unit="batch"):
+        good = [(i, s) for i, s in items if s is not None]
+        embeddings: dict[int, np.ndarray] = {}
+        if good:
+            images = torch.stack([s["image"] for _, s in good]).to(device)
+            with forward_context():
+                out = encoder(images).float().cpu().numpy()
+            embeddings = {i: e for (i, _), e in zip(good, out, strict=True)}
+        for index, sample in items:
+            yield index, sample, embeddings.get(index)
 
 
 @torch.no_grad()
@@ -297,21 +451,26 @@ def build_embedding_cache(
     *,
     key: str,
     components: dict,
+    sources: dict[str, dict],
     dtype: str = "float16",
     batch_size: int = 8,
     num_workers: int = 0,
     device: torch.device | str | None = None,
     forward_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    reuse: CachedEmbeddingDataset | None = None,
+    items: Sequence[int] | None = None,
 ) -> dict:
-    """Run ``encoder`` (eval mode, no grad) over every item of ``dataset`` and write the cache folder.
+    """Run ``encoder`` (eval mode, no grad) over the items of ``dataset`` and write the cache folder.
 
     Args:
         dataset: map-style, items of the SAM sample contract from its eval transform.
         encoder: (B, 3, S, S) -> (B, C, S/16, S/16).
         folder: the cache folder (created); its old manifest is deleted before anything is written.
-        key, components: from :func:`cache_key`, stored in the manifest.
+        key, components, sources: from :func:`cache_key` and :func:`hash_source_files`, stored.
         dtype: "float16" (half the disk) or "float32".
         forward_context: wraps each encoder call (e.g. the trainer's autocast).
+        reuse, items: a partial rebuild: only ``items`` are encoded, every other item is copied from
+            ``reuse`` (the old cache of the same dataset, same length and order).
 
     Returns:
         The manifest.
@@ -322,24 +481,34 @@ def build_embedding_cache(
     folder.mkdir(parents=True, exist_ok=True)
     (folder / MANIFEST).unlink(missing_ok=True)  # from here on the folder is invalid until the end
     device = torch.device(device) if device is not None else next(encoder.parameters()).device
-    loader = DataLoader(
-        _IndexedSamples(dataset), batch_size=batch_size, num_workers=num_workers, collate_fn=_as_list
-    )
-    writer = _Writer(folder=folder, dtype=dtype, count=len(dataset))
+    count = len(dataset)
+    todo = sorted(int(i) for i in items) if reuse is not None and items is not None else list(range(count))
+    writer = _Writer(folder=folder, dtype=dtype, count=count)
     was_training = encoder.training
     encoder.eval()
     start = time.perf_counter()
+    fresh = _encoded(
+        dataset,
+        todo,
+        encoder,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        device=device,
+        forward_context=forward_context,
+        desc=f"embedding cache {folder}",
+    )
+    todo_set = set(todo)
     try:
-        for items in tqdm(loader, desc=f"embedding cache {folder}", unit="batch"):
-            good = [(i, s) for i, s in items if s is not None]
-            if not good:
+        for index in range(count):
+            if index not in todo_set:
+                writer.copy(index, reuse)
                 continue
-            images = torch.stack([s["image"] for _, s in good]).to(device)
-            with forward_context():
-                embeddings = encoder(images).float().cpu().numpy()
-            for (index, sample), embedding in zip(good, embeddings, strict=True):
+            got, sample, embedding = next(fresh)
+            assert got == index, (got, index)
+            if sample is not None:
                 writer.add(index, sample, embedding)
         shapes = writer.finish()
+        _write_json_atomic(folder / SOURCES, {"key": key, "files": sources})
     except BaseException:
         writer.rle_file.close()
         for leftover in folder.glob("*.tmp*"):
@@ -351,15 +520,17 @@ def build_embedding_cache(
         "key": key,
         "components": components,
         "dtype": dtype,
-        "num_items": len(dataset),
+        "num_items": count,
+        "num_encoded": len(todo),
         "build_seconds": round(time.perf_counter() - start, 3),
         **shapes,
     }
     _write_json_atomic(folder / MANIFEST, manifest)
     log.info(
-        "embedding cache %s: %d images (%d unreadable), %d masks, built in %.1f s",
+        "embedding cache %s: %d images (%d encoded, %d unreadable), %d masks, built in %.1f s",
         folder,
-        len(dataset),
+        count,
+        len(todo),
         shapes["num_skipped"],
         shapes["num_masks"],
         manifest["build_seconds"],
@@ -367,28 +538,78 @@ def build_embedding_cache(
     return manifest
 
 
-def _stale_reason(folder: Path, key: str, components: dict) -> str | None:
-    """Why the cache in ``folder`` cannot be used (None: it can)."""
+# ------------------------------------------------------------------------------------------------
+# validating
+
+
+def read_manifest(folder: Path) -> tuple[dict | None, str | None]:
+    """(manifest, None), or (None, why it cannot be used) when it is missing or its data files are."""
     path = folder / MANIFEST
     if not path.is_file():
-        return f"no manifest {path} (never built, or an earlier build was interrupted)"
+        return None, f"no manifest {path} (never built, or an earlier build was interrupted)"
     try:
         manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        return f"unreadable manifest {path}: {err}"
-    if manifest.get("key") != key:
-        changed = _changed(manifest.get("components", {}), components)
-        return f"its key differs (changed: {', '.join(changed) or 'unknown'})"
-    try:
         embeddings = np.load(folder / EMBEDDINGS, mmap_mode="r", allow_pickle=False)
         masks = np.load(folder / MASKS, mmap_mode="r", allow_pickle=False)
         with np.load(folder / INDEX, allow_pickle=False) as index:
             rle_total = int(index["rle_start"][-1])
-    except (OSError, ValueError, KeyError) as err:
-        return f"a data file is missing or unreadable: {err}"
-    if list(embeddings.shape) != manifest.get("embedding_shape") or masks.shape != (rle_total,):
-        return "the data files do not match the manifest"
-    return None
+            items = len(index["ok"])
+    except (OSError, ValueError, KeyError, UnicodeDecodeError) as err:
+        return None, f"a cache file is missing or unreadable: {err}"
+    if (
+        list(embeddings.shape) != manifest.get("embedding_shape")
+        or masks.shape != (rle_total,)
+        or items != manifest.get("num_items")
+    ):
+        return None, "the data files do not match the manifest"
+    return manifest, None
+
+
+def read_sources(folder: Path, manifest: dict | None) -> dict[str, dict]:
+    """The source table stored with ``manifest`` ({} when there is none, or it is another build's)."""
+    try:
+        stored = json.loads((folder / SOURCES).read_text())
+    except (OSError, ValueError):
+        return {}
+    if manifest is None or stored.get("key") != manifest.get("key"):
+        return {}
+    return stored.get("files", {})
+
+
+def items_reading(dataset: Dataset, names: set[str]) -> list[int] | None:
+    """The items whose ``sample_files`` include one of ``names``; None when some name is read by
+    no single item (a shared file, e.g. an annotation file) or the dataset does not say."""
+    sample_files = getattr(dataset, "sample_files", None)
+    if not callable(sample_files):
+        return None
+    items, seen = [], set()
+    for index in range(len(dataset)):
+        files = sample_files(index)
+        if files is None:
+            return None
+        hit = names.intersection(_file_name(f) for f in files)
+        if hit:
+            items.append(index)
+            seen |= hit
+    return items if seen == names else None
+
+
+def rebuild_plan(
+    dataset: Dataset, manifest: dict, components: dict, old_sources: dict, sources: dict
+) -> tuple[list[str], list[int] | None]:
+    """(what changed, the items to encode again): None rebuilds every item. Only the items reading
+    changed per-item files are encoded again when nothing else changed (no file added or removed,
+    no shared file changed)."""
+    changes = component_changes(manifest.get("components", {}), components)
+    if "files changed" not in changes:
+        return changes or ["unknown"], None
+    if not old_sources:
+        return [c for c in changes if c != "files changed"] + ["files changed (no stored source table)"], None
+    files = file_changes(old_sources, sources)
+    reasons = [c for c in changes if c != "files changed"] + [describe_file_changes(files)]
+    if len(changes) > 1 or files["added"] or files["removed"]:
+        return reasons, None
+    return reasons, items_reading(dataset, set(files["changed"]))
 
 
 def ensure_embedding_cache(
@@ -401,26 +622,55 @@ def ensure_embedding_cache(
     **build_kwargs,
 ) -> Path:
     """The cache folder of ``dataset`` under ``net``'s image encoder: reused when its key matches,
-    else (re)built with :func:`build_embedding_cache` (the reason is logged). Returns ``folder``."""
+    else rebuilt with :func:`build_embedding_cache` (only the items whose own files changed, when
+    nothing else did; see the module docstring); the log says what changed. Returns ``folder``."""
+    if isinstance(dataset, IterableDataset):
+        raise ValueError(
+            f"embedding cache: {type(dataset).__name__} is a stream; the cache needs a map-style dataset "
+            "(for SA-1B, extract the shards and use Sa1bDataset)"
+        )
     folder = Path(folder)
-    key, components = cache_key(net, dataset, dtype=dtype, precision=precision)
-    reason = _stale_reason(folder, key, components)
-    if reason is None:
-        log.info("embedding cache %s: up to date, reused", folder)
-        return folder
-    if folder.is_dir() and any(folder.iterdir()):
-        log.warning("embedding cache %s: rebuilding, %s", folder, reason)
-    else:
-        log.info("embedding cache %s: building", folder)
-    build_embedding_cache(
+    manifest, problem = read_manifest(folder)
+    old_sources = read_sources(folder, manifest)
+    dataset_description(dataset)  # the contract first: source_files() may not exist
+    sources = hash_source_files(dataset.source_files(), old_sources)
+    key, components = cache_key(net, dataset, dtype=dtype, precision=precision, sources=sources)
+    build = functools.partial(
+        build_embedding_cache,
         dataset,
         net.image_encoder,
         folder,
         key=key,
         components=components,
+        sources=sources,
         dtype=dtype,
         **build_kwargs,
     )
+    if manifest is not None and manifest.get("key") == key:
+        if old_sources != sources:  # only stats moved (touched, copied): keep them, hash less next time
+            _write_json_atomic(folder / SOURCES, {"key": key, "files": sources})
+        log.info("embedding cache %s: up to date, reused", folder)
+        return folder
+    if manifest is None:
+        if folder.is_dir() and any(folder.iterdir()):
+            log.warning("embedding cache %s: rebuilding, %s", folder, problem)
+        else:
+            log.info("embedding cache %s: building", folder)
+        build()
+        return folder
+    reasons, items = rebuild_plan(dataset, manifest, components, old_sources, sources)
+    if items is None:
+        log.warning("embedding cache %s: rebuilding, changed: %s", folder, "; ".join(reasons))
+        build()
+    else:
+        log.warning(
+            "embedding cache %s: rebuilding %d of %d items, changed: %s",
+            folder,
+            len(items),
+            len(dataset),
+            "; ".join(reasons),
+        )
+        build(reuse=CachedEmbeddingDataset(folder), items=items)
     return folder
 
 
@@ -455,7 +705,7 @@ class CachedEmbeddingDataset(Dataset):
     def __len__(self) -> int:
         return int(self.manifest["num_items"])
 
-    def _open(self) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    def open_arrays(self) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         if self._arrays is None or self._pid != os.getpid():
             embeddings = np.load(self.folder / EMBEDDINGS, mmap_mode="r", allow_pickle=False)
             masks = np.load(self.folder / MASKS, mmap_mode="r", allow_pickle=False)
@@ -470,16 +720,16 @@ class CachedEmbeddingDataset(Dataset):
 
     def embedding(self, index: int) -> torch.Tensor:
         """Item ``index``'s embedding: float32 (C, S/16, S/16), copied out of the memory map."""
-        return torch.from_numpy(np.array(self._open()[0][index], dtype=np.float32))
+        return torch.from_numpy(np.array(self.open_arrays()[0][index], dtype=np.float32))
 
     def mask_counts(self, index: int) -> Iterator[bytes]:
-        _, blob, idx = self._open()
+        _, blob, idx = self.open_arrays()
         starts = idx["rle_start"]
         for m in range(idx["mask_start"][index], idx["mask_start"][index + 1]):
             yield blob[starts[m] : starts[m + 1]].tobytes()
 
     def __getitem__(self, index: int) -> dict:
-        idx = self._open()[2]
+        idx = self.open_arrays()[2]
         if not idx["ok"][index]:
             raise SampleError(self.folder, f"item {index} was unreadable when the cache was built")
         return {
@@ -489,80 +739,3 @@ class CachedEmbeddingDataset(Dataset):
             "original_size": torch.from_numpy(idx["original_size"][index].copy()),
             "image_id": int(idx["image_id"][index]),
         }
-
-
-# ------------------------------------------------------------------------------------------------
-# wiring into a Lightning run
-
-SPLITS = ("train", "val", "test")
-
-
-def check_frozen_encoder(net: nn.Module) -> None:
-    """ValueError unless every parameter of ``net.image_encoder`` is frozen (cached embeddings
-    cannot carry gradients to the encoder, nor follow its weights as they change)."""
-    trainable = [n for n, p in net.image_encoder.named_parameters() if p.requires_grad]
-    if trainable:
-        raise ValueError(
-            "cached-embedding mode needs a frozen image encoder: add image_encoder to model.freeze "
-            f"({len(trainable)} encoder parameters train, e.g. {trainable[:3]})"
-        )
-
-
-@contextlib.contextmanager
-def _module_on(module: nn.Module, device: torch.device) -> Iterator[None]:
-    """Move ``module`` to ``device`` for the block, then back where it was."""
-    param = next(module.parameters(), None)
-    home = param.device if param is not None else torch.device("cpu")
-    module.to(device)
-    try:
-        yield
-    finally:
-        module.to(home)
-
-
-def attach_embedding_caches(
-    trainer: Any,
-    net: nn.Module,
-    root: str | Path,
-    *,
-    dtype: str = "float16",
-    batch_size: int = 8,
-    num_workers: int = 0,
-    splits: tuple[str, ...] = SPLITS,
-) -> dict[str, CachedEmbeddingDataset]:
-    """Replace each ``<split>_dataset`` of ``trainer.datamodule`` by its :class:`CachedEmbeddingDataset`
-    in ``root/<split>``, building or refreshing the cache first.
-
-    Global rank zero builds (on the trainer's device, under its precision); the other ranks wait at
-    a barrier and then read the same folder. Datasets that are already cached are re-checked against
-    their source (a changed encoder rebuilds them).
-    """
-    check_frozen_encoder(net)
-    datamodule = getattr(trainer, "datamodule", None)
-    if datamodule is None:
-        raise ValueError("cached-embedding mode needs a datamodule (trainer.fit(module, datamodule=...))")
-    attached = {}
-    for split in splits:
-        dataset = getattr(datamodule, f"{split}_dataset", None)
-        if dataset is None:
-            continue
-        source = dataset.source if isinstance(dataset, CachedEmbeddingDataset) else dataset
-        folder = Path(root) / split
-        if trainer.is_global_zero:
-            device = trainer.strategy.root_device
-            with _module_on(net.image_encoder, device):
-                ensure_embedding_cache(
-                    source,
-                    net,
-                    folder,
-                    dtype=dtype,
-                    precision=str(trainer.precision),
-                    batch_size=batch_size,
-                    num_workers=num_workers,
-                    device=device,
-                    forward_context=trainer.precision_plugin.forward_context,
-                )
-        trainer.strategy.barrier(f"embedding_cache_{split}")
-        attached[split] = CachedEmbeddingDataset(folder, source=source)
-        setattr(datamodule, f"{split}_dataset", attached[split])
-    return attached

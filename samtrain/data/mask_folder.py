@@ -53,7 +53,10 @@ def read_label_png(path: Path) -> np.ndarray:
 
 
 class _MaskFolderDataset(SamDataset):
-    """Pairs images with masks by key; subclasses implement ``read_masks``."""
+    """Pairs images with masks by key; subclasses implement ``mask_files`` and ``read_masks``."""
+
+    SAMPLE_ARGS = ("image_dir", "mask_dir", "min_mask_area", "split", "val_fraction", "split_seed")
+    NON_SAMPLE_ARGS = ("transform",)
 
     def __init__(
         self,
@@ -69,6 +72,7 @@ class _MaskFolderDataset(SamDataset):
         self.image_dir, self.mask_dir = Path(image_dir), Path(mask_dir)
         self.transform = transform
         self.min_mask_area = int(min_mask_area)
+        self.split, self.val_fraction, self.split_seed = split, float(val_fraction), int(split_seed)
         files = [p.relative_to(self.image_dir).as_posix() for p in find_images(self.image_dir)]
         if not self.mask_dir.is_dir():
             raise FileNotFoundError(f"mask folder {self.mask_dir} does not exist or is not a directory")
@@ -88,9 +92,20 @@ class _MaskFolderDataset(SamDataset):
     def sample_name(self, index: int) -> str:
         return str(self.image_dir / str(self.files[index]))
 
+    def mask_files(self, index: int) -> list[Path]:
+        """The mask files item ``index`` reads (a missing one is an error when it is loaded)."""
+        raise NotImplementedError
+
     def read_masks(self, index: int) -> list[tuple[np.ndarray, Path]]:
         """The masks of item ``index``, each bool (H, W) with the file it came from."""
         raise NotImplementedError
+
+    def sample_files(self, index: int) -> list[Path]:
+        return [self.image_dir / str(self.files[index]), *self.mask_files(index)]
+
+    def source_files(self) -> list[Path]:
+        """Every image and every mask file of the dataset."""
+        return [f for i in range(len(self)) for f in self.sample_files(i)]
 
     def load_sample(self, index: int) -> dict:
         image = read_rgb_image(self.image_dir / str(self.files[index]))
@@ -118,13 +133,18 @@ class InstanceMaskFolder(_MaskFolderDataset):
         ignore_values: ids that are not objects (e.g. 255 for "void").
     """
 
+    SAMPLE_ARGS = (*_MaskFolderDataset.SAMPLE_ARGS, "mask_suffix", "ignore_values")
+
     def __init__(self, *, mask_suffix: str = ".png", ignore_values: Iterable[int] = (), **kwargs) -> None:
         super().__init__(**kwargs)
         self.mask_suffix = mask_suffix
         self.ignore_values = tuple(int(v) for v in ignore_values)
 
+    def mask_files(self, index: int) -> list[Path]:
+        return [self.mask_dir / f"{self.key(index)}{self.mask_suffix}"]
+
     def read_masks(self, index: int) -> list[tuple[np.ndarray, Path]]:
-        path = self.mask_dir / f"{self.key(index)}{self.mask_suffix}"
+        (path,) = self.mask_files(index)
         ids = read_label_png(path)
         values = np.unique(ids)
         values = values[(values != 0) & ~np.isin(values, self.ignore_values)]
@@ -141,6 +161,16 @@ class SemanticMaskFolder(_MaskFolderDataset):
         class_ids: make objects only of these classes (None: all but background and ignore).
         connectivity: 4 or 8, the neighbourhood of connected components.
     """
+
+    SAMPLE_ARGS = (
+        *_MaskFolderDataset.SAMPLE_ARGS,
+        "mask_suffix",
+        "background",
+        "ignore_index",
+        "num_classes",
+        "class_ids",
+        "connectivity",
+    )
 
     def __init__(
         self,
@@ -171,8 +201,11 @@ class SemanticMaskFolder(_MaskFolderDataset):
             )
         return [v for v in values if self.class_ids is None or v in self.class_ids]
 
+    def mask_files(self, index: int) -> list[Path]:
+        return [self.mask_dir / f"{self.key(index)}{self.mask_suffix}"]
+
     def read_masks(self, index: int) -> list[tuple[np.ndarray, Path]]:
-        path = self.mask_dir / f"{self.key(index)}{self.mask_suffix}"
+        (path,) = self.mask_files(index)
         labels = read_label_png(path)
         masks = []
         for value in self._classes(labels, path):
@@ -192,6 +225,8 @@ class BinaryMaskFolder(_MaskFolderDataset):
 
     Args: those of :class:`InstanceMaskFolder` but ``mask_suffix``/``ignore_values``, and ``layout``.
     """
+
+    SAMPLE_ARGS = (*_MaskFolderDataset.SAMPLE_ARGS, "layout")
 
     def __init__(self, *, layout: str = "folder", **kwargs) -> None:
         if layout not in ("folder", "suffix"):

@@ -100,6 +100,9 @@ class Sa1bDataset(SamDataset):
         split, val_fraction, split_seed: optional deterministic train/val split by file name.
     """
 
+    SAMPLE_ARGS = ("root", "min_mask_area", "split", "val_fraction", "split_seed")
+    NON_SAMPLE_ARGS = ("transform",)
+
     def __init__(
         self,
         *,
@@ -113,6 +116,7 @@ class Sa1bDataset(SamDataset):
         self.root = Path(root)
         self.transform = transform
         self.min_mask_area = int(min_mask_area)
+        self.split, self.val_fraction, self.split_seed = split, float(val_fraction), int(split_seed)
         if not self.root.is_dir():
             raise FileNotFoundError(f"SA-1B folder {self.root} does not exist or is not a directory")
         files = sorted(
@@ -130,6 +134,14 @@ class Sa1bDataset(SamDataset):
 
     def sample_name(self, index: int) -> str:
         return str(self.root / str(self.files[index]))
+
+    def source_files(self) -> list[Path]:
+        """Every image and its annotation JSON."""
+        return [f for i in range(len(self)) for f in self.sample_files(i)]
+
+    def sample_files(self, index: int) -> list[Path]:
+        image_path = self.root / str(self.files[index])
+        return [image_path, image_path.with_suffix(".json")]
 
     def load_encoded_sample(self, index: int) -> dict:
         image_path = self.root / str(self.files[index])
@@ -297,6 +309,10 @@ class Sa1bTarStream(IterableDataset):
         shuffle_shards: change the shard order every epoch.
     """
 
+    # The sample contract of samtrain.data.base: shard, order and seed choices change what is yielded.
+    SAMPLE_ARGS = ("shards", "seed", "min_mask_area", "rank", "world_size", "even", "shuffle_shards")
+    NON_SAMPLE_ARGS = ("transform",)
+
     def __init__(
         self,
         *,
@@ -323,6 +339,10 @@ class Sa1bTarStream(IterableDataset):
         self._yielded = 0
         self._current_epoch = 0
         self._counts: dict[str, int] | None = None
+
+    def source_files(self) -> list[Path]:
+        """The ``.tar`` shards."""
+        return [Path(s) for s in self.shards]
 
     # -- epochs and state ----------------------------------------------------------------------
 

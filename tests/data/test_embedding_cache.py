@@ -12,13 +12,11 @@ import torch
 
 from samtrain.commands.train import train
 from samtrain.data import CocoInstanceDataset, SamTransform, collate_sam_batch
-from samtrain.data.embedding_cache import (
-    CachedEmbeddingDataset,
-    check_frozen_encoder,
-    ensure_embedding_cache,
-)
+from samtrain.data.datamodule import SamDataModule
+from samtrain.data.embedding_cache import CachedEmbeddingDataset, ensure_embedding_cache
 from samtrain.data.errors import SampleError, SkipBadSamples
 from samtrain.interactive.simulate import PromptRecipe
+from samtrain.lightning.callbacks.embedding_cache import check_frozen_encoder
 from samtrain.lightning.sam_module import SamModule
 from samtrain.models import build_sam
 from tests.conftest import ROOT
@@ -116,18 +114,20 @@ def test_cached_step_matches_plain_step(fp32_cache):
 
 
 def test_float16_cache_is_close(tmp_path, fp32_cache):
-    """float16 rounds the embeddings to ~5e-4 relative. Compared on the first pass alone: later
-    passes click where the previous mask was wrong, and a pixel at the threshold can move a click."""
+    """What README.md states: float16 rounds the embeddings to about 2e-4 relative (RMS; measured
+    2.1e-4), and a first pass's loss agrees with the plain step's to 1e-5 relative (measured 1e-6).
+    Compared on the first pass alone: later passes click where the previous mask was wrong, and a
+    pixel at the threshold can move a click."""
     net, dataset, fp32 = fp32_cache
     fp16 = cached(dataset, net, tmp_path / "float16", dtype="float16")
     items = [0, 1, 2]
     exact = torch.stack([fp32[i]["image_embedding"] for i in items])
     rounded = torch.stack([fp16[i]["image_embedding"] for i in items])
-    assert ((rounded - exact).norm() / exact.norm()) < 1e-3
+    assert ((rounded - exact).norm() / exact.norm()) < 3e-4
     module = trainer_of(net, num_click_passes=0, num_mask_only_passes=0)
     plain_loss, _ = step(module, collate_sam_batch([dataset[i] for i in items]))
     cached_loss, _ = step(module, collate_sam_batch([fp16[i] for i in items]))
-    torch.testing.assert_close(cached_loss, plain_loss, atol=0, rtol=1e-3)
+    torch.testing.assert_close(cached_loss, plain_loss, atol=0, rtol=1e-5)
 
 
 def test_cache_reused_then_rebuilt_on_changes(tmp_path, caplog):
@@ -238,3 +238,14 @@ def test_fast_dev_run_with_the_experiment(tiny_cfg, tmp_path, caplog):
     caplog.set_level("INFO", logger="samtrain.data.embedding_cache")
     train(cfg)  # a second run reuses both caches
     assert caplog.text.count("up to date, reused") == 2 and "rebuilding" not in caplog.text
+
+
+def test_the_datamodule_swaps_its_datasets_through_a_public_method():
+    dataset = sample_dataset()
+    datamodule = SamDataModule(train_dataset=dataset, val_dataset=dataset)
+    assert datamodule.datasets() == {"train": dataset, "val": dataset}
+    replacement = sample_dataset(max_mask_fraction=0.5)
+    datamodule.replace_datasets({"val": replacement})
+    assert datamodule.datasets() == {"train": dataset, "val": replacement}
+    with pytest.raises(ValueError, match="no split"):
+        datamodule.replace_datasets({"training": replacement})

@@ -1,4 +1,8 @@
-"""samtrain against the official segment-anything implementation on identical random weights."""
+"""samtrain against the official segment-anything implementation on identical random weights.
+
+What README.md states is asserted here: embeddings, low-res logits and IoU scores agree to 1e-5
+(measured at most 6e-6, 4e-6 and 5e-7 on this fixture), and the masks are identical: a pixel may
+differ only where the official logit lies within 1e-5 of the threshold (none does here)."""
 
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ from samtrain.models import build_sam, export_sam_checkpoint
 from tests.oracle import build_official_sam, official_and_samtrain, segment_anything
 
 VARIANT, IMAGE_SIZE = "vit_t", 160  # grid 10 with window 8: windows need padding
-ATOL = 1e-3
+ATOL = 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -68,17 +72,26 @@ PROMPTS = {
 }
 
 
+def assert_identical_masks(theirs, masks: np.ndarray, kwargs: dict) -> None:
+    """``masks`` equal the official ones wherever the official logit is not within ATOL of 0."""
+    ref_logits = theirs.predict(**kwargs, return_logits=True)[0]
+    ref_masks = ref_logits > theirs.model.mask_threshold
+    assert masks.shape == ref_masks.shape
+    differ = masks != ref_masks
+    assert not differ[np.abs(ref_logits) > ATOL].any(), f"{differ.sum()} pixels differ"
+
+
 @pytest.mark.parametrize("multimask", [True, False])
 @pytest.mark.parametrize("prompt", sorted(PROMPTS))
 def test_prediction_matches(predictors, prompt, multimask):
     theirs, mine = predictors
     kwargs = dict(PROMPTS[prompt], multimask_output=multimask)
-    ref_masks, ref_scores, ref_low = theirs.predict(**kwargs)
+    _, ref_scores, ref_low = theirs.predict(**kwargs)
     masks, scores, low = mine.predict(**kwargs)
     np.testing.assert_allclose(low, ref_low, atol=ATOL, rtol=0)
     np.testing.assert_allclose(scores, ref_scores, atol=ATOL, rtol=0)
-    assert masks.shape == ref_masks.shape == (len(scores), 100, 150)
-    assert (masks == ref_masks).mean() > 0.999
+    assert masks.shape == (len(scores), 100, 150)
+    assert_identical_masks(theirs, masks, kwargs)
 
 
 @pytest.mark.parametrize("multimask", [True, False])
@@ -86,11 +99,11 @@ def test_mask_input_matches(predictors, multimask):
     theirs, mine = predictors
     _, _, low = theirs.predict(**PROMPTS["one_point"], multimask_output=False)
     kwargs = dict(PROMPTS["points_with_negatives"], mask_input=low, multimask_output=multimask)
-    ref_masks, ref_scores, ref_low = theirs.predict(**kwargs)
+    _, ref_scores, ref_low = theirs.predict(**kwargs)
     masks, scores, low_ours = mine.predict(**kwargs)
     np.testing.assert_allclose(low_ours, ref_low, atol=ATOL, rtol=0)
     np.testing.assert_allclose(scores, ref_scores, atol=ATOL, rtol=0)
-    assert (masks == ref_masks).mean() > 0.999
+    assert_identical_masks(theirs, masks, kwargs)
 
 
 def test_batched_boxes_match_one_by_one(predictors):
@@ -117,6 +130,7 @@ def test_official_forward_matches(models, image):
     out = ours([record], multimask_output=True)[0]
     torch.testing.assert_close(out["low_res_logits"], ref["low_res_logits"], atol=ATOL, rtol=0)
     torch.testing.assert_close(out["iou_predictions"], ref["iou_predictions"], atol=ATOL, rtol=0)
+    assert torch.equal(out["masks"], ref["masks"])
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
