@@ -91,7 +91,9 @@ def stability_scores(logits: torch.Tensor, threshold: float, offset: float) -> t
     return high / low
 
 
-def near_crop_edge(boxes: torch.Tensor, crop_box: tuple[int, ...], image_box: tuple[int, ...]) -> torch.Tensor:
+def near_crop_edge(
+    boxes: torch.Tensor, crop_box: tuple[int, ...], image_box: tuple[int, ...]
+) -> torch.Tensor:
     """(N, 4) xyxy in the image frame -> (N,) bool: a side within the tolerance of the crop's edge
     where that edge is not also the image's."""
     crop = torch.tensor(crop_box, dtype=torch.float32, device=boxes.device)
