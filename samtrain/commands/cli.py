@@ -26,7 +26,7 @@ COMMANDS = {
     "check-data": "walk a dataset: counts, sizes, mask areas and every problem (exit 1 on errors)",
     "predict": "masks for point/box prompts on images: mask PNGs, overlays, scores.json",
     "annotate": "pre-annotate a folder: a COCO file (RLE) of automatic or prompted masks; resumable",
-    "export": "export a checkpoint: --format official|safetensors|hf",
+    "export": "export a checkpoint: --format official|safetensors|onnx|hf",
 }
 # Commands with their own argparse options (not Hydra apps): the module whose main(argv) runs them.
 ARGPARSE_COMMANDS = {
@@ -47,7 +47,7 @@ examples:
   samtrain check-data --format coco --path annotations.json --image-dir images
   samtrain predict official.pth photo.jpg --points 120,80 --out predictions
   samtrain annotate official.pth images/ --out coco.json --points-per-side 32
-  samtrain export official.pth --format hf --out sam-hf/
+  samtrain export official.pth --format onnx --out onnx/
 """
 
 

@@ -1,7 +1,9 @@
-"""``samtrain export CKPT --format official|safetensors|hf --out PATH``.
+"""``samtrain export CKPT --format official|safetensors|onnx|hf --out PATH``.
 
 - ``official``: a ``.pth`` in the official key layout (``segment_anything`` loads it strictly);
 - ``safetensors``: the same tensors as safetensors;
+- ``onnx``: ``PATH`` a folder with ``encoder.onnx`` (image -> embeddings) and ``decoder.onnx``
+  (the official ONNX interface: prompt encoder + mask decoder), see :mod:`samtrain.inference.onnx`;
 - ``hf``: ``PATH`` a Hugging Face ``SamModel`` directory (config.json + model.safetensors).
 
 LoRA runs are written merged in every format.
@@ -15,9 +17,10 @@ from pathlib import Path
 
 from samtrain.commands.loading import add_model_arguments, load_model
 from samtrain.inference.hf import save_hf_directory
+from samtrain.inference.onnx import export_onnx
 from samtrain.models import export_sam_checkpoint
 
-FORMATS = ("official", "safetensors", "hf")
+FORMATS = ("official", "safetensors", "onnx", "hf")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(parser)
     parser.add_argument("--format", choices=FORMATS, required=True)
     parser.add_argument("--out", required=True, help="file (official, safetensors) or folder (onnx, hf)")
+    parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     parser.add_argument(
         "--export-image-size",
         type=int,
@@ -43,6 +47,9 @@ def export(args: argparse.Namespace) -> Path:
         if out.suffix != suffix:
             raise ValueError(f"--format {args.format} writes a {suffix} file, got --out {out}")
         return export_sam_checkpoint(model, out, image_size=args.export_image_size)
+    if args.format == "onnx":
+        export_onnx(model, out, opset=args.opset)  # needs the onnx extra
+        return out
     return save_hf_directory(model, out)  # needs the hf extra
 
 

@@ -174,6 +174,13 @@ def test_export_formats_load_back(checkpoint, tmp_path, fmt, name):
     assert all(torch.equal(loaded[k], v) for k, v in reference.items())
 
 
+def test_export_onnx_writes_both_graphs(checkpoint, tmp_path):
+    pytest.importorskip("onnx")
+    out = tmp_path / "onnx"
+    assert export.main([str(checkpoint), "--format", "onnx", "--out", str(out), "--opset", "17", *TINY]) == 0
+    assert (out / "encoder.onnx").stat().st_size > 0 and (out / "decoder.onnx").stat().st_size > 0
+
+
 def test_export_names_a_wrong_suffix(checkpoint, tmp_path, capsys):
     assert (
         export.main([str(checkpoint), "--format", "safetensors", "--out", str(tmp_path / "x.pth"), *TINY])
