@@ -1,6 +1,7 @@
-"""The ``samtrain`` command: ``samtrain train [overrides]``, ``samtrain eval [overrides]`` and
-``samtrain check-data [options] [overrides]`` (see :mod:`samtrain.commands.check_data`) and
-``samtrain convert --from FORMAT --path PATH --to coco --out FILE`` (:mod:`samtrain.commands.convert`).
+"""The ``samtrain`` command: ``samtrain train [overrides]``, ``samtrain eval [overrides]``,
+``samtrain check-data [options] [overrides]`` (see :mod:`samtrain.commands.check_data`),
+``samtrain convert`` (:mod:`samtrain.commands.convert`) and ``samtrain predict|annotate|export``
+(:mod:`samtrain.commands.predict`, ``annotate``, ``export``).
 
 Each subcommand is the Hydra app of the matching root script (``train.py`` with ``conf/train.yaml``,
 ``eval.py`` with ``conf/eval.yaml``): everything after the subcommand goes to Hydra unchanged, so
@@ -12,6 +13,7 @@ work as they do with the scripts. The configs are read from the repository's ``c
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -24,6 +26,17 @@ COMMANDS = {
     "(conf/eval.yaml; same as `python eval.py`)",
     "check-data": "walk a dataset: counts, sizes, mask areas and every problem (exit 0 clean, 1 data errors, 2 could not check)",
     "convert": "write a dataset (yolo, labelme, cvat, voc, volume, ...) as a COCO instance file",
+    "predict": "masks for point/box prompts on images: mask PNGs, overlays, scores.json",
+    "annotate": "pre-annotate a folder: a COCO file (RLE) of automatic or prompted masks; resumable",
+    "export": "export a checkpoint: --format official|safetensors|onnx|hf",
+}
+# Commands with their own argparse options (not Hydra apps): the module whose main(argv) runs them.
+ARGPARSE_COMMANDS = {
+    "check-data": "check_data",
+    "predict": "predict",
+    "annotate": "annotate",
+    "export": "export",
+    "convert": "convert",
 }
 
 EXAMPLES = """\
@@ -36,6 +49,9 @@ examples:
   samtrain check-data data=sa1b data.train_dataset.root=/data/sa1b
   samtrain check-data --format coco --path annotations.json --image-dir images
   samtrain convert --from yolo --path data.yaml --to coco --out coco.json
+  samtrain predict official.pth photo.jpg --points 120,80 --out predictions
+  samtrain annotate official.pth images/ --out coco.json --points-per-side 32
+  samtrain export official.pth --format onnx --out onnx/
 """
 
 
@@ -69,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", metavar="command", required=True)
     for name, summary in COMMANDS.items():
-        # No argparse help on the subcommands: `samtrain <command> --help` is Hydra's help.
+        # No help of their own here: `samtrain <command> --help` is Hydra's help (train, eval) or
+        # the command's argparse help.
         commands.add_parser(name, help=summary, add_help=False)
     return parser
 
@@ -92,14 +109,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     namespace = parser.parse_args(args[: split + 1])
     command, overrides = namespace.command, args[split + 1 :]
     # Each command imports its own dependencies (Hydra, torch) when it runs: `samtrain --help` stays quick.
-    if command == "check-data":
-        from samtrain.commands import check_data
-
-        return check_data.main(overrides)
-    if command == "convert":
-        from samtrain.commands import convert
-
-        return convert.main(overrides)
+    if command in ARGPARSE_COMMANDS:
+        module = importlib.import_module(f"samtrain.commands.{ARGPARSE_COMMANDS[command]}")
+        return module.main(overrides)
     try:
         conf = config_dir()
     except FileNotFoundError as err:

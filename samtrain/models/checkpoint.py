@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from timm.layers import resample_abs_pos_embed_nhwc
 from torch import nn
 
+from samtrain.models.hf_keys import read_hf_directory
 from samtrain.models.lora import LORA_SUFFIXES, merge_lora_state
 
 _PREFIXES = ("module.", "model.", "net.", "_orig_mod.")  # DDP, wrappers, SamModule, torch.compile
@@ -109,6 +110,15 @@ def file_head(path: str | Path | None, size: int = 16) -> bytes | None:
         return None
 
 
+def read_checkpoint_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of any checkpoint samtrain loads, in the official key layout where they came
+    that way: a file (:func:`read_state_dict`) or a Hugging Face ``SamModel`` directory."""
+    path = Path(path)
+    if path.is_dir():
+        return read_hf_directory(path)
+    return read_state_dict(path)
+
+
 def strip_prefixes(key: str) -> str:
     """``key`` without the wrapper prefixes (DDP's ``module.``, ``model.``, ``net.``, torch.compile's)."""
     stripped = True
@@ -157,7 +167,7 @@ def load_sam_checkpoint(model: nn.Module, path: str | Path, *, strict: bool = Tr
     Raises ValueError when nothing matches, when shapes disagree after resampling, and (strict)
     when keys are missing or unexpected; the error lists the keys.
     """
-    state = official_to_samtrain(read_state_dict(path))
+    state = official_to_samtrain(read_checkpoint_state(path))
     model_state = model.state_dict()
     if not any(k.endswith(LORA_SUFFIXES) for k in model_state):
         state = merge_lora_state(state)
