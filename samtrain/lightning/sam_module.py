@@ -38,6 +38,9 @@ from samtrain.models.sam.model import Sam
 
 SAM_PARTS = ("image_encoder", "prompt_encoder", "mask_decoder")
 VAL_RUNS_KEY = "samtrain_val_runs"  # checkpoint entry: the validation runs of the fit so far
+# Validation scores the resized model-input frame (logits > 0, the eval transform's masks), not the
+# published protocol at the original resolution (`samtrain eval`): its metric names say so.
+VAL_METRIC_PREFIX = "resized_"
 
 
 class SamModule(pl.LightningModule):
@@ -302,7 +305,9 @@ class SamModule(pl.LightningModule):
         if self._clicks_this_epoch < self.val_max_clicks:  # NoC and NoF need the whole curve
             metrics = {k: v for k, v in metrics.items() if not k.startswith(("NoC", "NoF"))}
         # Identical on every rank already; sync_dist averages identical values (and keeps Lightning quiet).
-        self.log_dict({f"{prefix}/{k}": v.float() for k, v in metrics.items()}, sync_dist=True)
+        self.log_dict(
+            {f"{prefix}/{VAL_METRIC_PREFIX}{k}": v.float() for k, v in metrics.items()}, sync_dist=True
+        )
 
     # ------------------------------------------------------------------ optimisation
 

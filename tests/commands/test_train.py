@@ -61,17 +61,17 @@ def short_run(tiny_cfg, tmp_path, capsys):
 
 def test_short_run_writes_metrics_checkpoints_and_export(short_run):
     _, metrics, out, printed = short_run
-    assert "val/mIoU@1" in metrics and "val/box_mIoU" in metrics
+    assert "val/resized_mIoU@1" in metrics and "val/resized_box_mIoU" in metrics
     saved = json.loads((out / "metrics.json").read_text())
     assert set(saved) == {"before", "after"}
-    for key in ("val/mIoU@1", "val/mIoU@3", "val/box_mIoU", "val/NoC@90"):
+    for key in ("val/resized_mIoU@1", "val/resized_mIoU@3", "val/resized_box_mIoU", "val/resized_NoC@90"):
         assert key in saved["before"] and key in saved["after"]
     assert (out / "checkpoints" / "last.ckpt").is_file()
     assert (out / "csv" / "metrics.csv").is_file()
     # The export loads into a fresh model of the same configuration.
     model = build_sam("vit_t", image_size=64, checkpoint=out / "official.pth")
     assert model.image_encoder.pos_embed.shape[1] == 4
-    assert "official.pth" in printed and "val/mIoU@1" in printed
+    assert "official.pth" in printed and "val/resized_mIoU@1" in printed
 
 
 def test_export_image_size_reaches_the_export(tmp_path, monkeypatch):
@@ -111,7 +111,7 @@ def test_resume_from_last_checkpoint(short_run, tiny_cfg, monkeypatch):
     history = read_metrics_csv(out / "csv" / "metrics.csv")
     assert [step for step, _ in history["train/loss"]] == [0, 1, 2, 3]
     # before training, epoch 0, epoch 1, after training (the first attempt's "after", at step 2, is not kept)
-    assert [step for step, _ in history["val/mIoU@1"]] == [0, 1, 3, 4]
+    assert [step for step, _ in history["val/resized_mIoU@1"]] == [0, 1, 3, 4]
 
 
 class Tripwire:

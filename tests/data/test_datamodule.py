@@ -162,7 +162,7 @@ def val_masks(seed: int, epoch: int, max_masks: int | None = 1) -> list[torch.Te
 
 def test_val_masks_are_the_same_subset_every_epoch_and_seed():
     """The val sampler hands each image a seed of (seed, epoch, index); an image with more masks than
-    max_masks must still be scored on the same ones, or val/mIoU is not comparable across epochs."""
+    max_masks must still be scored on the same ones, or val/resized_mIoU is not comparable across epochs."""
     assert max(len(m) for m in val_masks(0, 0, max_masks=None)) > 1  # some image has a subset to pick
     first = val_masks(seed=0, epoch=0)
     for seed, epoch in [(0, 1), (0, 7), (5, 0)]:

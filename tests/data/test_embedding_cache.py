@@ -231,7 +231,7 @@ def test_fast_dev_run_with_the_experiment(tiny_cfg, tmp_path, caplog):
     )
     assert cfg.data.train_dataset.transform.train is False
     metrics = train(cfg)
-    assert "train/loss" in metrics and "val/mIoU@1" in metrics
+    assert "train/loss" in metrics and "val/resized_mIoU@1" in metrics
     for split in ("train", "val"):
         manifest = json.loads((cache_dir / split / "manifest.json").read_text())
         assert manifest["components"]["image_size"] == 64

@@ -211,7 +211,7 @@ def test_eval_subset_is_the_same_every_time():
 
 @pytest.mark.parametrize("encoded", [False, True], ids=["decoded", "rle"])
 def test_eval_subset_depends_on_the_image_id_only_whatever_rng_is_passed(encoded):
-    """The loaders pass an rng seeded by (seed, epoch, index): eval must ignore it, else val/mIoU
+    """The loaders pass an rng seeded by (seed, epoch, index): eval must ignore it, else val/resized_mIoU
     scores another subset of an image's masks every epoch."""
     sample = many_masks_sample()
     if encoded:

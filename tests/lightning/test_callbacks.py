@@ -74,7 +74,7 @@ def test_a_run_writes_the_gallery_and_the_curves(tiny_cfg, tmp_path):
 def test_read_metrics_csv_and_plot(tmp_path):
     csv = tmp_path / "metrics.csv"
     lines = [
-        "epoch,step,train/loss,val/mIoU@1,val/NoC@90",
+        "epoch,step,train/loss,val/resized_mIoU@1,val/resized_NoC@90",
         "0,0,,0.1,9",
         "0,0,2.0,,",
         "0,1,1.5,,",
@@ -83,7 +83,7 @@ def test_read_metrics_csv_and_plot(tmp_path):
     csv.write_text("\n".join(lines) + "\n")
     history = read_metrics_csv(csv)
     assert history["train/loss"] == [(0, 2.0), (1, 1.5)]
-    assert history["val/mIoU@1"] == [(0, 0.1), (1, 0.3)]
+    assert history["val/resized_mIoU@1"] == [(0, 0.1), (1, 0.3)]
     assert "epoch" not in history
     path = plot_curves(
         {"train/loss": history["train/loss"]},
@@ -100,12 +100,12 @@ def test_metric_curves_records_itself_without_a_csv_logger():
         log_every_n_steps=1,
         sanity_checking=False,
         global_step=3,
-        callback_metrics={"train/loss": torch.tensor(0.5), "val/mIoU@1": torch.tensor(0.25), "lr": 1.0},
+        callback_metrics={"train/loss": torch.tensor(0.5), "val/resized_mIoU@1": torch.tensor(0.25), "lr": 1.0},
     )
     callback = MetricCurves()
     callback.on_train_batch_end(trainer, None, None, None, 0)
     callback.on_validation_end(trainer, None)
-    assert callback.read_history(trainer) == {"train/loss": [(3, 0.5)], "val/mIoU@1": [(3, 0.25)]}
+    assert callback.read_history(trainer) == {"train/loss": [(3, 0.5)], "val/resized_mIoU@1": [(3, 0.25)]}
 
 
 def test_the_package_exports_every_public_name():
@@ -117,7 +117,7 @@ def test_the_package_exports_every_public_name():
 
 @pytest.mark.parametrize(
     ("overrides", "monitor", "mode"),
-    [((), "val/mIoU@1", "max"), (("optimized_metric=val/NoC@90", "optimized_mode=min"), "val/NoC@90", "min")],
+    [((), "val/resized_mIoU@1", "max"), (("optimized_metric=val/resized_NoC@90", "optimized_mode=min"), "val/resized_NoC@90", "min")],
 )
 def test_the_checkpoint_follows_the_optimized_metric(tiny_cfg, overrides, monitor, mode):
     checkpoint = hydra.utils.instantiate(tiny_cfg(*overrides).callbacks.model_checkpoint)

@@ -314,8 +314,8 @@ def test_cheap_validation_epochs_report_no_click_counts(tiny_cfg):
 
     cfg = tiny_cfg("trainer.max_epochs=3", "model.val_full_curve_every=0", "validate_before=false")
     metrics = train(cfg)
-    assert "val/mIoU@1" in metrics and "val/box_mIoU" in metrics
-    assert not any(k.startswith(("val/NoC", "val/NoF")) for k in metrics)
+    assert "val/resized_mIoU@1" in metrics and "val/resized_box_mIoU" in metrics
+    assert not any(k.startswith(("val/resized_NoC", "val/resized_NoF")) for k in metrics)
 
 
 def test_training_prompts_get_the_tokens_the_official_predictor_builds(tiny_cfg):

@@ -107,8 +107,8 @@ def test_offline_wandb_run(tiny_cfg, tmp_path, wandb_env):
 
     # Metrics history: the training loss per logged step, the validation metrics per validation.
     assert len(history["train/loss"]) == 2
-    assert len(history["val/mIoU@1"]) >= 2  # before training, after epoch 0 (and after training)
-    assert "val/box_mIoU" in history and "trainer/global_step" in history
+    assert len(history["val/resized_mIoU@1"]) >= 2  # before training, after epoch 0 (and after training)
+    assert "val/resized_box_mIoU" in history and "trainer/global_step" in history
     # The resolved Hydra config.
     assert config["model"]["net"]["variant"] == "vit_t"
     assert config["model"]["net"]["image_size"] == 64
