@@ -22,6 +22,7 @@ COMMANDS = {
     "eval": "evaluate checkpoints: results.json, results.md, mIoU-vs-clicks plot "
     "(conf/eval.yaml; same as `python eval.py`)",
     "check-data": "walk a dataset: counts, sizes, mask areas and every problem (exit 1 on errors)",
+    "plan": "predict the peak memory of a training step per memory mode (fake tensors; --memory 24GiB)",
 }
 
 EXAMPLES = """\
@@ -33,6 +34,7 @@ examples:
   samtrain eval --cfg job                    # print the composed eval config
   samtrain check-data data=sa1b data.train_dataset.root=/data/sa1b
   samtrain check-data --format coco --path annotations.json --image-dir images
+  samtrain plan model=sam_vit_h trainer=gpu --memory 24GiB
 """
 
 
@@ -93,6 +95,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from samtrain.commands import check_data
 
         return check_data.main(overrides)
+    if command == "plan":
+        from samtrain.commands import plan
+
+        return plan.main(overrides)
     try:
         conf = config_dir()
     except FileNotFoundError as err:
