@@ -251,11 +251,19 @@ def smaller_shapes(shape: Shape, min_masks: int = 8) -> list[Shape]:
     return shapes
 
 
-def fastest_fit(setup: Setup, budget: float, traced: dict[str, StepMemory], modes=FULL_MODES) -> dict | None:
+def allowed(setup: Setup, mode: Mode) -> bool:
+    """Whether SamModule accepts the mode under the configured run: per-pass backward works neither
+    with FSDP nor with fp16 mixed precision (its gradients would bypass the scaler)."""
+    per_pass = mode.switches.get("decoder_backward_per_pass", False)
+    return not (per_pass and (setup.strategy == "fsdp" or setup.precision == "16-mixed"))
+
+
+def fastest_fit(setup: Setup, budget: float, traced: dict[str, StepMemory]) -> dict | None:
     """The fastest full fine-tuning configuration whose peak fits ``budget`` bytes: the modes in
     order of time cost at the configured shape, then at :func:`smaller_shapes`. The leanest mode
     decides whether a shape can fit at all, so a shape that cannot costs one trace."""
-    leanest = modes[2]  # encoder ckpt + per-pass: the least memory of the full fine-tuning modes
+    modes = [m for m in FULL_MODES if allowed(setup, m)]
+    leanest = next(m for m in modes if m.name in ("encoder ckpt + per-pass", "both ckpt"))
     for shape in smaller_shapes(setup.shape):
         cache = traced if shape == setup.shape else {}
         if leanest.name not in cache:
@@ -362,10 +370,9 @@ def main(argv: Sequence[str]) -> int:
         if args.modes is None
         else [m for m in MODES if m.name in args.modes]
     )
-    if not setup.cfg.model.net.get("lora"):
-        modes = [
-            m for m in modes if not (m.lora and "image_encoder" in (setup.cfg.model.get("freeze") or []))
-        ]
+    modes = [m for m in modes if allowed(setup, m)]
+    if setup.cfg.model.net.get("lora"):  # SamModule refuses to freeze an encoder that has LoRA layers
+        modes = [m for m in modes if not m.freeze_encoder]
     traced = {m.name: plan_mode(setup, m) for m in modes}
     records = [mode_record(setup, m, traced[m.name]) for m in modes]
     result: dict = {"modes": records}
