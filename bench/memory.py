@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 
 from bench.common import synthetic_batch
+from samtrain.interactive.simulate import PromptRecipe
 from samtrain.lightning.memory_plan import StoragePeak, plan_step, storage_bytes
 from samtrain.lightning.sam_module import SamModule
 from samtrain.models import build_sam
@@ -62,6 +63,10 @@ MODES = {
 TIMED_MODES = tuple(MODES)[:6]  # the switches that change time only, not what trains
 LORA = {"rank": 8, "alpha": 16, "targets": ["qkv"], "dropout": 0.0}
 GIB = 2**30
+
+
+def recipe(args: argparse.Namespace) -> PromptRecipe:
+    return PromptRecipe(num_click_passes=args.click_passes, num_mask_only_passes=args.mask_only_passes)
 
 
 def net_kwargs(mode: str) -> dict:
@@ -104,6 +109,7 @@ def setup_step(args: argparse.Namespace, mode: str):
     module = SamModule(
         net=build_sam(args.variant, image_size=args.image_size, **net_kwargs(mode)),
         optimizer=torch.optim.AdamW,
+        prompts=recipe(args),
         **MODES[mode],
     ).to(device)
     optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-5)
@@ -131,7 +137,9 @@ def plan_memory(args: argparse.Namespace, mode: str) -> dict:
     """The planner's prediction for the same step (samtrain.lightning.memory_plan, fake tensors)."""
 
     def make_module(net):
-        return SamModule(net=net, optimizer=partial(torch.optim.AdamW, lr=1e-5), **MODES[mode])
+        return SamModule(
+            net=net, optimizer=partial(torch.optim.AdamW, lr=1e-5), prompts=recipe(args), **MODES[mode]
+        )
 
     memory = plan_step(
         lambda: build_sam(args.variant, image_size=args.image_size, **net_kwargs(mode)),
@@ -224,6 +232,8 @@ def worker_args(args: argparse.Namespace) -> list[str]:
         *args.modes,
         *([f"--threads={args.threads}"] if args.threads else []),
         *(["--bf16"] if args.bf16 else []),
+        f"--click-passes={args.click_passes}",
+        f"--mask-only-passes={args.mask_only_passes}",
     ]
 
 
@@ -264,6 +274,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--click-passes", type=int, default=8, help="decoder passes that add a click")
+    parser.add_argument("--mask-only-passes", type=int, default=2, help="decoder passes that add none")
     parser.add_argument("--bf16", action="store_true", help="the forward under bf16 autocast (bf16-mixed)")
     parser.add_argument("--no-time", action="store_true", help="memory only")
     parser.add_argument("--worker", choices=["time", "memory", *MODES], help=argparse.SUPPRESS)

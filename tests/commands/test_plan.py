@@ -11,6 +11,7 @@ import pytest
 from hydra.core.global_hydra import GlobalHydra
 
 from samtrain.commands import cli, plan
+from samtrain.lightning.memory_plan import StepMemory
 from samtrain.lightning.sam_module import SamModule
 from tests.conftest import ROOT
 
@@ -48,10 +49,34 @@ def test_json_lists_the_modes_and_the_fastest_fit(capsys):
     assert result["fits"]["name"] == "plain"  # the fastest mode, and 4 GiB is plenty
 
 
-def test_nothing_fits_a_tiny_budget(capsys):
-    assert cli.main(["plan", *TINY, "--modes", "plain", "--memory", "1MiB"]) == 0
-    out = capsys.readouterr().out
-    assert "| plain |" in out and "no full fine-tuning configuration fits" in out
+def test_the_search_takes_the_fastest_mode_then_smaller_shapes(monkeypatch):
+    """fastest_fit on made-up step memories (bytes = images x masks x a per-mode cost): the fastest
+    mode that fits, one image per device before fewer masks, nothing when nothing fits."""
+    cost = {m.name: 100 - 10 * i for i, m in enumerate(plan.FULL_MODES)}  # slower modes take less
+    traced = []
+
+    def fake_plan(setup, mode, shape=None):
+        shape = shape or setup.shape
+        traced.append((mode.name, shape.images, shape.masks))
+        step = cost[mode.name] * shape.images * shape.masks
+        return StepMemory(
+            parameters=0, optimizer_state=0, trainable_parameters=0, step_peak=step, grads_at_peak=0, ops=0
+        )
+
+    monkeypatch.setattr(plan, "plan_mode", fake_plan)
+    setup = plan.Setup(
+        cfg=None, shape=plan.Shape(2, 64, 1024), precision="bf16-mixed", strategy="single", world_size=1
+    )
+    fit = plan.fastest_fit(setup, 2 * 64 * 100, {})
+    assert fit["name"] == "plain" and fit["images"] == 2
+    fit = plan.fastest_fit(
+        setup, 1 * 64 * 85, {}
+    )  # one image: per-pass (90) does not fit, ckpt + per-pass (80) does
+    assert (fit["name"], fit["images"], fit["masks_per_image"]) == ("encoder ckpt + per-pass", 1, 64)
+    assert "trainer.accumulate_grad_batches=2" in fit["overrides"] and "data.batch_size=1" in fit["overrides"]
+    traced.clear()
+    assert plan.fastest_fit(setup, 1, {}) is None
+    assert [t[0] for t in traced] == ["encoder ckpt + per-pass"] * 5  # one trace per shape tried
 
 
 def test_every_mode_overrides_compose_into_its_module():

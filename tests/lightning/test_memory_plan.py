@@ -6,13 +6,15 @@ import pytest
 
 from bench import memory
 
-# vit_t at 64 px, 1 image x 4 masks: each mode measured on real tensors (one subprocess, as
-# bench.memory measures) and planned on fake ones.
+# vit_t at 64 px, 1 image x 4 masks, 1 + 2 + 1 decoder passes: each mode measured on real tensors
+# (one subprocess, as bench.memory measures) and planned on fake ones.
 VIT_T_MODES = ["plain", "per-pass backward", "both", "LoRA", "frozen encoder", "cached embeddings"]
 
 
 def measured_and_planned(argv: list[str]) -> tuple[dict, dict]:
-    args = memory.parse_args(["--device=cpu", "--threads=1", "--images=1", *argv])
+    args = memory.parse_args(
+        ["--device=cpu", "--threads=1", "--images=1", "--click-passes=2", "--mask-only-passes=1", *argv]
+    )
     measured = memory.run_worker(args, "memory", memory.MEMORY_ENV)
     return measured, {mode: memory.plan_memory(args, mode) for mode in args.modes}
 
