@@ -46,7 +46,7 @@ class Sizes:
     large_masks: int
     timeout_s: int  # per section
     large_modes: tuple[str, ...] = ()
-    small_modes: tuple[str, ...] = ()  # bench.memory's modes for the small variant (empty: all)
+    small_modes: tuple[str, ...] = ()  # bench.memory's modes for the small variant
 
 
 # vit_h at 1024 px, K=64, bf16 does not fit in plain mode (samtrain plan): the modes it needs. Each
@@ -89,7 +89,7 @@ def sections(s: Sizes) -> list[tuple[str, list[str]]]:
         (f"samtrain vs official modules, {s.small} {s.image_size} px, K={s.masks}", official),
         (
             f"memory per mode, {s.small}: measured vs planned",
-            [*memory, f"--variant={s.small}", f"--masks={s.masks}"],
+            [*memory, f"--variant={s.small}", f"--masks={s.masks}", "--modes", *s.small_modes],
         ),
         (
             f"memory per mode, {s.large}: measured vs planned",
