@@ -16,6 +16,12 @@ AdamW's state exists), then one step measured:
   after resetting it through /proc/self/clear_refs), with glibc's mmap threshold fixed at 64 KiB
   so that freed tensors go back to the system. A cross-check; includes allocator overheads.
 - on a GPU: torch.cuda.max_memory_allocated over the step (resident included).
+- the planner (``samtrain plan``, samtrain.lightning.memory_plan): the same count made on fake
+  tensors in this process, beside the measurement (``planner / measured``).
+
+Besides the checkpointing switches (timed and measured), the modes that train less are measured
+too: frozen encoder, cached embeddings (the batch carries the encoder's output), LoRA (rank 8 on
+qkv, with encoder checkpointing). ``--bf16`` runs the forward under bf16 autocast (bf16-mixed).
 
 Prints a Markdown table.
 """
@@ -23,6 +29,8 @@ Prints a Markdown table.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import json
 import os
 import platform
@@ -30,16 +38,14 @@ import statistics
 import subprocess
 import sys
 import time
-import weakref
 from functools import partial
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
-from torch.utils.weak import WeakIdKeyDictionary
 
 from bench.common import synthetic_batch
+from samtrain.interactive.simulate import PromptRecipe
+from samtrain.lightning.memory_plan import StoragePeak, plan_step, storage_bytes
 from samtrain.lightning.sam_module import SamModule
 from samtrain.models import build_sam
 
@@ -50,51 +56,32 @@ MODES = {
     "both": {"encoder_checkpointing": True, "decoder_checkpointing": True},
     "per-pass backward": {"decoder_backward_per_pass": True},
     "encoder ckpt + per-pass": {"encoder_checkpointing": True, "decoder_backward_per_pass": True},
+    "frozen encoder": {"freeze": ["image_encoder"]},
+    "cached embeddings": {"freeze": ["image_encoder"]},
+    "LoRA": {"encoder_checkpointing": True},
 }
+TIMED_MODES = tuple(MODES)[:6]  # the switches that change time only, not what trains
+LORA = {"rank": 8, "alpha": 16, "targets": ["qkv"], "dropout": 0.0}
 GIB = 2**30
 
 
-class StoragePeak(TorchDispatchMode):
-    """The peak bytes of tensor storage alive at once among the storages that ops create while the
-    mode is active. Outputs that share an input's storage (views, in-place ops) are not new."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen = WeakIdKeyDictionary()
-        self.current = 0
-        self.peak = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if _is_dense(t)}
-        for t in tree_leaves(out):
-            if _is_dense(t):
-                storage = t.untyped_storage()
-                if storage.data_ptr() not in inputs and storage not in self.seen:
-                    self._add(storage)
-        return out
-
-    def _add(self, storage: torch.UntypedStorage) -> None:
-        size = storage.nbytes()
-        self.seen[storage] = size
-        weakref.finalize(storage, partial(self._free, size))
-        self.current += size
-        self.peak = max(self.peak, self.current)
-
-    def _free(self, size: int) -> None:
-        self.current -= size
+def recipe(args: argparse.Namespace) -> PromptRecipe:
+    return PromptRecipe(num_click_passes=args.click_passes, num_mask_only_passes=args.mask_only_passes)
 
 
-def _is_dense(t) -> bool:
-    return isinstance(t, torch.Tensor) and t.layout == torch.strided and t.device.type != "meta"
+def net_kwargs(mode: str) -> dict:
+    return {"lora": LORA} if mode == "LoRA" else {}
+
+
+def cached(mode: str) -> bool:
+    return mode == "cached embeddings"
 
 
 def resident_bytes(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
     """Bytes of the distinct storages of parameters, buffers, gradients and optimizer state."""
     tensors = [*module.parameters(), *module.buffers(), *(p.grad for p in module.parameters())]
     tensors += [v for state in optimizer.state.values() for v in state.values()]
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if _is_dense(t)}
-    return sum(storages.values())
+    return storage_bytes(tensors)
 
 
 def proc_status_kib(field: str) -> int | None:
@@ -120,15 +107,23 @@ def setup_step(args: argparse.Namespace, mode: str):
     torch.manual_seed(0)
     device = torch.device(args.device)
     module = SamModule(
-        net=build_sam(args.variant, image_size=args.image_size), optimizer=torch.optim.AdamW, **MODES[mode]
+        net=build_sam(args.variant, image_size=args.image_size, **net_kwargs(mode)),
+        optimizer=torch.optim.AdamW,
+        prompts=recipe(args),
+        **MODES[mode],
     ).to(device)
-    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-5)
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-5)
     batch = {k: v.to(device) for k, v in synthetic_batch(args.images, args.masks, args.image_size).items()}
+    if cached(mode):
+        with torch.no_grad():
+            batch["image_embedding"] = module.net.image_encoder(batch.pop("image"))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        loss, _ = module.interactive_loss(batch)
+        with autocast:
+            loss, _ = module.interactive_loss(batch)
         loss.backward()
         optimizer.step()
         sync()
@@ -136,6 +131,26 @@ def setup_step(args: argparse.Namespace, mode: str):
     step()  # warm-up: AdamW's state, allocator and kernel caches
     optimizer.zero_grad(set_to_none=True)
     return module, optimizer, step
+
+
+def plan_memory(args: argparse.Namespace, mode: str) -> dict:
+    """The planner's prediction for the same step (samtrain.lightning.memory_plan, fake tensors)."""
+
+    def make_module(net):
+        return SamModule(
+            net=net, optimizer=partial(torch.optim.AdamW, lr=1e-5), prompts=recipe(args), **MODES[mode]
+        )
+
+    memory = plan_step(
+        lambda: build_sam(args.variant, image_size=args.image_size, **net_kwargs(mode)),
+        make_module,
+        images=args.images,
+        masks_per_image=args.masks,
+        image_size=args.image_size,
+        cached_embeddings=cached(mode),
+        precision="bf16-mixed" if args.bf16 else "32-true",
+    )
+    return {"planned_resident": memory.resident, "planned_step_peak": memory.step_peak}
 
 
 def set_mode(module: SamModule, mode: str) -> None:
@@ -146,12 +161,13 @@ def set_mode(module: SamModule, mode: str) -> None:
 
 
 def measure_time(args: argparse.Namespace) -> dict[str, float]:
-    """Median step seconds of each mode, the modes interleaved on one module so that the machine's
-    drift hits them alike."""
+    """Median step seconds of each mode that only switches checkpointing (``TIMED_MODES``), the modes
+    interleaved on one module so that the machine's drift hits them alike."""
     module, _, step = setup_step(args, "plain")
-    times: dict[str, list[float]] = {mode: [] for mode in args.modes}
+    modes = [m for m in args.modes if m in TIMED_MODES]
+    times: dict[str, list[float]] = {mode: [] for mode in modes}
     for _ in range(args.repeats):
-        for mode in args.modes:
+        for mode in modes:
             set_mode(module, mode)
             start = time.perf_counter()
             step()
@@ -177,8 +193,19 @@ def measure_memory(args: argparse.Namespace, mode: str) -> dict:
     return result
 
 
+def measure_memory_all(args: argparse.Namespace) -> dict[str, dict]:
+    """``measure_memory`` of every mode one after the other in this process (what a test can afford;
+    the table measures each mode in a fresh process)."""
+    results = {}
+    for mode in args.modes:
+        results[mode] = measure_memory(args, mode)
+        gc.collect()
+    return results
+
+
 def run_worker(args: argparse.Namespace, worker: str, env: dict[str, str] | None = None):
-    """Run ``--worker time`` or ``--worker MODE`` (memory) in a fresh subprocess; its JSON result."""
+    """Run ``--worker time``, ``--worker MODE`` or ``--worker memory`` (every mode, one process) in a
+    fresh subprocess; its JSON result."""
     command = [sys.executable, "-m", "bench.memory", "--worker", worker, *worker_args(args)]
     done = subprocess.run(
         command, env={**os.environ, **(env or {})}, capture_output=True, text=True, check=False
@@ -204,12 +231,15 @@ def worker_args(args: argparse.Namespace) -> list[str]:
         "--modes",
         *args.modes,
         *([f"--threads={args.threads}"] if args.threads else []),
+        *(["--bf16"] if args.bf16 else []),
+        f"--click-passes={args.click_passes}",
+        f"--mask-only-passes={args.mask_only_passes}",
     ]
 
 
 HEADER = (
     "| mode | step (s) | time vs plain | peak (GiB) | peak vs plain | step's own tensors (GiB) "
-    "| RSS peak over start (GiB) |\n|---|---|---|---|---|---|---|"
+    "| RSS peak over start (GiB) | planner: peak (GiB) | planner / measured |\n|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -220,10 +250,15 @@ def row(mode: str, r: dict, plain: dict, gpu: bool) -> str:
         return m["cuda_peak"] if gpu else m["resident"] + m["step_peak"]
 
     rss = r.get("rss_peak_over_start")
+    step_s, plain_s = r.get("step_s"), plain.get("step_s")
+    timing = (
+        "| n/a | n/a " if step_s is None or not plain_s else f"| {step_s:.2f} | {step_s / plain_s - 1:+.0%} "
+    )
+    planned = r["planned_resident"] + r["planned_step_peak"]
     return (
-        f"| {mode} | {r['step_s']:.2f} | {r['step_s'] / plain['step_s'] - 1:+.0%} "
+        f"| {mode} {timing}"
         f"| {total(r) / GIB:.2f} | {total(r) / total(plain) - 1:+.0%} | {r['step_peak'] / GIB:.2f} "
-        f"| {'n/a' if rss is None else f'{rss / GIB:.2f}'} |"
+        f"| {'n/a' if rss is None else f'{rss / GIB:.2f}'} | {planned / GIB:.2f} | {planned / total(r):.3f} |"
     )
 
 
@@ -239,7 +274,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--worker", choices=["time", *MODES], help=argparse.SUPPRESS)
+    parser.add_argument("--click-passes", type=int, default=8, help="decoder passes that add a click")
+    parser.add_argument("--mask-only-passes", type=int, default=2, help="decoder passes that add none")
+    parser.add_argument("--bf16", action="store_true", help="the forward under bf16 autocast (bf16-mixed)")
+    parser.add_argument("--no-time", action="store_true", help="memory only")
+    parser.add_argument("--worker", choices=["time", "memory", *MODES], help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -248,22 +287,33 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.worker:
-        result = measure_time(args) if args.worker == "time" else measure_memory(args, args.worker)
+        if args.worker == "time":
+            result = measure_time(args)
+        elif args.worker == "memory":
+            result = measure_memory_all(args)
+        else:
+            result = measure_memory(args, args.worker)
         print(json.dumps(result))
         return
     gpu = args.device.startswith("cuda")
     where = torch.cuda.get_device_name() if gpu else (platform.processor() or platform.machine())
     print(
         f"{args.variant} {args.image_size}px, {args.images} img x {args.masks} masks, 1 + 8 + 2 passes; "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {where}, fp32; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {where}, {'bf16-mixed' if args.bf16 else 'fp32'}; "
         f"peak = {'torch.cuda.max_memory_allocated' if gpu else 'resident tensors + the step own tensor peak'}"
     )
-    if "plain" not in args.modes:
-        raise SystemExit("--modes must include plain (the reference)")
-    times = run_worker(args, "time")
-    results = {mode: {"step_s": times[mode], **run_worker(args, mode, MEMORY_ENV)} for mode in args.modes}
+    times = {} if args.no_time else run_worker(args, "time")
+    results = {
+        mode: {**run_worker(args, mode, MEMORY_ENV), **plan_memory(args, mode), "step_s": times.get(mode)}
+        for mode in args.modes
+    }
+    if args.no_time:
+        results = {mode: {k: v for k, v in r.items() if k != "step_s"} for mode, r in results.items()}
     print(HEADER)
-    print("\n".join(row(mode, r, results["plain"], gpu) for mode, r in results.items()))
+    reference = results.get("plain") or next(
+        iter(results.values())
+    )  # "vs plain": vs the first mode without plain
+    print("\n".join(row(mode, r, reference, gpu) for mode, r in results.items()))
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ COMMANDS = {
     "predict": "masks for point/box prompts on images: mask PNGs, overlays, scores.json",
     "annotate": "pre-annotate a folder: a COCO file (RLE) of automatic or prompted masks; resumable",
     "export": "export a checkpoint: --format official|safetensors|onnx|hf",
+    "plan": "predict the peak memory of a training step per memory mode (fake tensors; --memory 24GiB)",
 }
 # Commands with their own argparse options (not Hydra apps): the module whose main(argv) runs them.
 ARGPARSE_COMMANDS = {
@@ -37,6 +38,7 @@ ARGPARSE_COMMANDS = {
     "annotate": "annotate",
     "export": "export",
     "convert": "convert",
+    "plan": "plan",
 }
 
 EXAMPLES = """\
@@ -52,6 +54,7 @@ examples:
   samtrain predict official.pth photo.jpg --points 120,80 --out predictions
   samtrain annotate official.pth images/ --out coco.json --points-per-side 32
   samtrain export official.pth --format onnx --out onnx/
+  samtrain plan model=sam_vit_h trainer=gpu --memory 24GiB
 """
 
 
