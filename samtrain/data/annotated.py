@@ -165,14 +165,12 @@ NORMALIZED_SLACK = 1e-3  # normalised coordinates a little past 0 or 1 are round
 
 class AnnotatedImageDataset(SamDataset):
     """Base of the annotation-file datasets: a subclass parses its files into ``ImageEntry``
-    records in ``__init__`` and calls :meth:`_set_entries`.
+    records in ``__init__`` and calls :meth:`_set_entries`; each declares its own ``SAMPLE_ARGS`` and
+    ``NON_SAMPLE_ARGS`` (:mod:`samtrain.data.base`).
 
     Each raw sample is ``{"image": uint8 (H, W, 3), "masks": bool (K, H, W), "image_id": int,
     "labels": int64 (K,)}``; ``labels`` index :attr:`categories`.
     """
-
-    SAMPLE_ARGS: tuple[str, ...] = ("classes", "min_mask_area", "split", "val_fraction", "split_seed")
-    NON_SAMPLE_ARGS: tuple[str, ...] = ("transform",)
 
     def _init_common(
         self,

@@ -62,6 +62,9 @@ class ImageMaskBenchmark(SamDataset):
     (the stem up to the first dot, as RITM). ``mask_rule``: ``"nonzero"`` (any non-zero channel),
     ``"grabcut"`` (128 ignored, above 128 object) or ``"threshold"`` (above 127 object)."""
 
+    SAMPLE_ARGS = ("root", "image_dir", "mask_dir", "mask_rule")
+    NON_SAMPLE_ARGS = ("transform",)
+
     def __init__(
         self,
         *,
@@ -74,12 +77,16 @@ class ImageMaskBenchmark(SamDataset):
         if mask_rule not in MASK_RULES:
             raise ValueError(f"mask_rule must be one of {MASK_RULES}, got {mask_rule!r}")
         self.root = Path(root)
-        self.images = _files(_require_dir(self.root / image_dir, "image"))
+        self.image_dir = _require_dir(self.root / image_dir, "image")
+        self.images = _files(self.image_dir)
         masks_folder = _require_dir(self.root / mask_dir, "mask")
         self.masks = {p.name.split(".")[0]: p for p in _files(masks_folder)}
         self.mask_dir, self.mask_rule, self.transform = masks_folder, mask_rule, transform
         if not self.images:
-            raise FileNotFoundError(f"{self.root / image_dir}: no images")
+            raise FileNotFoundError(f"{self.image_dir}: no images")
+
+    def source_files(self) -> list[Path]:
+        return [*self.images, *self.masks.values()]
 
     def __len__(self) -> int:
         return len(self.images)
@@ -126,12 +133,22 @@ class SbdBenchmark(SamDataset):
     """SBD: ``root/<split>.txt`` names, ``img/<name>.jpg``, ``inst/<name>.mat`` whose ``GTinst``
     struct holds the instance map ``Segmentation`` (0 background, 1..n instances)."""
 
+    SAMPLE_ARGS = ("root", "split")
+    NON_SAMPLE_ARGS = ("transform",)
+
     def __init__(
         self, *, root: str | Path, split: str = "val", transform: Callable[..., dict] | None = None
     ) -> None:
-        self.root = Path(root)
+        self.root, self.split = Path(root), split
         self.names = _split_names(self.root / f"{split}.txt")
         self.transform = transform
+
+    def source_files(self) -> list[Path]:
+        return [
+            self.root / f"{self.split}.txt",
+            *(self.root / "img" / f"{n}.jpg" for n in self.names),
+            *(self.root / "inst" / f"{n}.mat" for n in self.names),
+        ]
 
     def __len__(self) -> int:
         return len(self.names)
@@ -173,12 +190,22 @@ class PascalVocBenchmark(SamDataset):
     PNG ``SegmentationObject/<name>.png`` (index 0 background, 255 the ignored boundary band,
     every other index one object)."""
 
+    SAMPLE_ARGS = ("root", "split")
+    NON_SAMPLE_ARGS = ("transform",)
+
     def __init__(
         self, *, root: str | Path, split: str = "val", transform: Callable[..., dict] | None = None
     ) -> None:
-        self.root = Path(root)
+        self.root, self.split = Path(root), split
         self.names = _split_names(self.root / "ImageSets" / "Segmentation" / f"{split}.txt")
         self.transform = transform
+
+    def source_files(self) -> list[Path]:
+        return [
+            self.root / "ImageSets" / "Segmentation" / f"{self.split}.txt",
+            *(self.root / "JPEGImages" / f"{n}.jpg" for n in self.names),
+            *(self.root / "SegmentationObject" / f"{n}.png" for n in self.names),
+        ]
 
     def __len__(self) -> int:
         return len(self.names)
@@ -205,6 +232,9 @@ class CocoBoxBenchmark(SamDataset):
     parts of its ``coco_url`` (``train2017/<file>`` or ``val2017/<file>``) under ``image_dir``; images
     without a kept annotation are left out."""
 
+    SAMPLE_ARGS = ("annotation_file", "image_dir")
+    NON_SAMPLE_ARGS = ("transform",)
+
     def __init__(
         self,
         *,
@@ -229,6 +259,9 @@ class CocoBoxBenchmark(SamDataset):
                 objects.setdefault(ann.get("image_id"), []).append(ann)
         self.images = [im for im in data["images"] if isinstance(im, dict) and im.get("id") in objects]
         self.objects = objects
+
+    def source_files(self) -> list[Path]:
+        return [self.annotation_file, *(self._path(image) for image in self.images)]
 
     def __len__(self) -> int:
         return len(self.images)
