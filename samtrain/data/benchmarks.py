@@ -120,6 +120,13 @@ def _check_same_size(image: np.ndarray, labels: np.ndarray, path: Path) -> None:
         )
 
 
+def instance_masks(labels: np.ndarray, ids: list[int]) -> np.ndarray:
+    """An instance map (H, W) -> one bool mask per id, (K, H, W) (K = 0: no object)."""
+    if not ids:
+        return np.zeros((0, *labels.shape), bool)
+    return np.stack([labels == i for i in ids])
+
+
 def _split_names(path: Path) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: the split list does not exist")
@@ -161,8 +168,7 @@ class SbdBenchmark(SamDataset):
         image = _read_image(self.root / "img" / f"{name}.jpg")
         instances = read_sbd_instances(self.root / "inst" / f"{name}.mat")
         _check_same_size(image, instances, self.root / "inst" / f"{name}.mat")
-        ids = [i for i in np.unique(instances) if i > 0]
-        masks = np.stack([instances == i for i in ids]) if ids else np.zeros((0, *instances.shape), bool)
+        masks = instance_masks(instances, [i for i in np.unique(instances) if i > 0])
         return {"image": image, "masks": masks, "image_id": index}
 
 
@@ -221,8 +227,7 @@ class PascalVocBenchmark(SamDataset):
         _check_same_size(image, labels, path)
         if labels.ndim != 2:
             raise SampleError(path, "expected a palette (single-channel) PNG")
-        ids = [i for i in np.unique(labels) if 0 < i < 255]
-        masks = np.stack([labels == i for i in ids]) if ids else np.zeros((0, *labels.shape), bool)
+        masks = instance_masks(labels, [i for i in np.unique(labels) if 0 < i < 255])
         return {"image": image, "masks": masks, "image_id": index, "ignore": labels == 255}
 
 
