@@ -16,8 +16,14 @@ $(VENV)/.installed: pyproject.toml | $(PY)
 	$(PIP) install -q -e .
 	touch $@
 
-$(VENV)/.installed-dev: pyproject.toml | $(PY)
+# The official sam2 package is a test oracle only (samtrain never imports it). Its sdist builds a
+# CUDA extension unless told not to, and its build needs the installed torch, hence no isolation.
+SAM2_ORACLE := sam2==1.1.0
+
+$(VENV)/.installed-dev: pyproject.toml Makefile | $(PY)
 	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q setuptools wheel
+	SAM2_BUILD_CUDA=0 $(PIP) install -q --no-build-isolation "$(SAM2_ORACLE)"
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed
