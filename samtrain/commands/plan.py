@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import os
 import re
 import sys
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
 import hydra
@@ -53,6 +56,11 @@ class Mode:
     freeze_encoder: bool = False
     cached_embeddings: bool = False
     lora: bool = False
+
+    def settings(self) -> tuple:
+        """What the trace depends on (two modes with equal settings trace the same step)."""
+        switches = tuple(bool(self.switches.get(k, False)) for k in SWITCHES)
+        return switches, self.freeze_encoder, self.cached_embeddings, self.lora
 
     def overrides(self) -> list[str]:
         out = [f"model.{k}={str(self.switches.get(k, False)).lower()}" for k in SWITCHES]
@@ -196,6 +204,29 @@ def plan_mode(setup: Setup, mode: Mode, shape: Shape | None = None) -> StepMemor
     )
 
 
+def plan_modes(
+    setup: Setup, modes: Sequence[Mode], shape: Shape | None = None, *, jobs: int | None = None
+) -> dict[str, StepMemory]:
+    """:func:`plan_mode` of each mode, ``jobs`` traces at a time (default: one per CPU core).
+
+    A trace is single-threaded Python dispatch, so modes run in parallel processes, forked from a
+    fresh server that has imported the planner once (no fork of a process that computed).
+    Modes with the same settings as an earlier one are traced once."""
+    jobs = max(1, min(jobs or os.cpu_count() or 1, len(modes)))
+    distinct: dict[tuple, Mode] = {}
+    for mode in modes:
+        distinct.setdefault(mode.settings(), mode)
+    if jobs == 1 or len(distinct) == 1:
+        traced = {key: plan_mode(setup, mode, shape) for key, mode in distinct.items()}
+    else:
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload([__name__])
+        with ProcessPoolExecutor(max_workers=min(jobs, len(distinct)), mp_context=context) as pool:
+            futures = {key: pool.submit(plan_mode, setup, mode, shape) for key, mode in distinct.items()}
+            traced = {key: future.result() for key, future in futures.items()}
+    return {mode.name: traced[mode.settings()] for mode in modes}
+
+
 def device_peak(setup: Setup, memory: StepMemory) -> float:
     """Bytes per device under the configured strategy."""
     if setup.strategy == "ddp":
@@ -258,10 +289,13 @@ def allowed(setup: Setup, mode: Mode) -> bool:
     return not (per_pass and (setup.strategy == "fsdp" or setup.precision == "16-mixed"))
 
 
-def fastest_fit(setup: Setup, budget: float, traced: dict[str, StepMemory]) -> dict | None:
+def fastest_fit(
+    setup: Setup, budget: float, traced: dict[str, StepMemory], *, jobs: int | None = None
+) -> dict | None:
     """The fastest full fine-tuning configuration whose peak fits ``budget`` bytes: the modes in
     order of time cost at the configured shape, then at :func:`smaller_shapes`. The leanest mode
-    decides whether a shape can fit at all, so a shape that cannot costs one trace."""
+    decides whether a shape can fit at all, so a shape that cannot costs one trace; in a shape that
+    can, the modes are traced in order, a round of ``jobs`` at a time (see :func:`plan_modes`)."""
     modes = [m for m in FULL_MODES if allowed(setup, m)]
     leanest = next(m for m in modes if m.name in ("encoder ckpt + per-pass", "both ckpt"))
     for shape in smaller_shapes(setup.shape):
@@ -270,9 +304,10 @@ def fastest_fit(setup: Setup, budget: float, traced: dict[str, StepMemory]) -> d
             cache[leanest.name] = plan_mode(setup, leanest, shape)
         if device_peak(setup, cache[leanest.name]) > budget:
             continue
-        for mode in modes:
-            if mode.name not in cache:
-                cache[mode.name] = plan_mode(setup, mode, shape)
+        for i, mode in enumerate(modes):
+            if mode.name not in cache:  # this one and the next untraced ones, a round of jobs
+                ahead = [m for m in modes[i:] if m.name not in cache][: jobs or os.cpu_count() or 1]
+                cache.update(plan_modes(setup, ahead, shape, jobs=jobs))
             if device_peak(setup, cache[mode.name]) <= budget:
                 record = mode_record(setup, mode, cache[mode.name], shape)
                 if shape.images < setup.shape.images:
@@ -303,7 +338,9 @@ def format_table(setup: Setup, records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def card_table(overrides: Sequence[str], world_size: int | None, headroom: float) -> str:
+def card_table(
+    overrides: Sequence[str], world_size: int | None, headroom: float, *, jobs: int | None = None
+) -> str:
     """What fits on which card for full fine-tuning (vit_b/l/h x 16/24/40/80 GiB), predicted."""
     lines = [
         "| model | " + " | ".join(f"{c} GiB" for c in CARDS_GIB) + " |",
@@ -314,7 +351,7 @@ def card_table(overrides: Sequence[str], world_size: int | None, headroom: float
         traced: dict[str, StepMemory] = {}
         cells = []
         for card in CARDS_GIB:
-            fit = fastest_fit(setup, card * GIB * (1 - headroom), traced)
+            fit = fastest_fit(setup, card * GIB * (1 - headroom), traced, jobs=jobs)
             cells.append("does not fit" if fit is None else fit_cell(setup, fit))
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -352,6 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=MODE_NAMES,
         help="plan only these modes (default: the configured one and all)",
     )
+    parser.add_argument(
+        "--jobs", type=int, help="modes traced at a time, each in a process (default: one per CPU core)"
+    )
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.add_argument(
         "--table", action="store_true", help="vit_b/l/h x 16/24/40/80 GiB cards, full fine-tuning"
@@ -362,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str]) -> int:
     args, overrides = build_parser().parse_known_args(list(argv))
     if args.table:
-        print(card_table(overrides, args.world_size, args.headroom))
+        print(card_table(overrides, args.world_size, args.headroom, jobs=args.jobs))
         return 0
     setup = read_setup(compose_train_config(overrides), args.world_size)
     modes = (
@@ -373,13 +413,13 @@ def main(argv: Sequence[str]) -> int:
     modes = [m for m in modes if allowed(setup, m)]
     if setup.cfg.model.net.get("lora"):  # SamModule refuses to freeze an encoder that has LoRA layers
         modes = [m for m in modes if not m.freeze_encoder]
-    traced = {m.name: plan_mode(setup, m) for m in modes}
+    traced = plan_modes(setup, modes, jobs=args.jobs)
     records = [mode_record(setup, m, traced[m.name]) for m in modes]
     result: dict = {"modes": records}
     if args.memory is not None:
         budget = args.memory * (1 - args.headroom)
         result["memory_bytes"], result["budget_bytes"] = args.memory, int(budget)
-        result["fits"] = fastest_fit(setup, budget, traced)
+        result["fits"] = fastest_fit(setup, budget, traced, jobs=args.jobs)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0

@@ -49,6 +49,17 @@ def test_json_lists_the_modes_and_the_fastest_fit(capsys):
     assert result["fits"]["name"] == "plain"  # the fastest mode, and 4 GiB is plenty
 
 
+def test_modes_traced_in_parallel_equal_one_by_one():
+    """Two traces at a time in processes give what one process gives; equal settings trace once."""
+    setup = plan.read_setup(plan.compose_train_config(TINY))
+    plain, per_pass = plan.MODES[:2]
+    configured = plan.configured_mode(setup.cfg)
+    assert configured.settings() == plain.settings()
+    parallel = plan.plan_modes(setup, [configured, plain, per_pass], jobs=2)
+    assert parallel["configured"] is parallel["plain"]
+    assert parallel["per-pass backward"] == plan.plan_mode(setup, per_pass)
+
+
 def test_the_search_takes_the_fastest_mode_then_smaller_shapes(monkeypatch):
     """fastest_fit on made-up step memories (bytes = images x masks x a per-mode cost): the fastest
     mode that fits, one image per device before fewer masks, nothing when nothing fits."""
@@ -67,15 +78,15 @@ def test_the_search_takes_the_fastest_mode_then_smaller_shapes(monkeypatch):
     setup = plan.Setup(
         cfg=None, shape=plan.Shape(2, 64, 1024), precision="bf16-mixed", strategy="single", world_size=1
     )
-    fit = plan.fastest_fit(setup, 2 * 64 * 100, {})
+    fit = plan.fastest_fit(setup, 2 * 64 * 100, {}, jobs=1)
     assert fit["name"] == "plain" and fit["images"] == 2
     fit = plan.fastest_fit(
-        setup, 1 * 64 * 85, {}
+        setup, 1 * 64 * 85, {}, jobs=1
     )  # one image: per-pass (90) does not fit, ckpt + per-pass (80) does
     assert (fit["name"], fit["images"], fit["masks_per_image"]) == ("encoder ckpt + per-pass", 1, 64)
     assert "trainer.accumulate_grad_batches=2" in fit["overrides"] and "data.batch_size=1" in fit["overrides"]
     traced.clear()
-    assert plan.fastest_fit(setup, 1, {}) is None
+    assert plan.fastest_fit(setup, 1, {}, jobs=1) is None
     assert [t[0] for t in traced] == ["encoder ckpt + per-pass"] * 5  # one trace per shape tried
 
 
