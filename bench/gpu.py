@@ -63,7 +63,7 @@ TINY = Sizes(
     "vit_t",
     2,
     300,
-    large_modes=("per-pass backward",),
+    large_modes=("cached embeddings",),
     small_modes=("plain", "per-pass backward"),
 )
 
