@@ -6,6 +6,10 @@ Pass 0 prompts every mask with a positive point or a jittered box; then the clic
 prompt. Single-point prompts get the multimask outputs (the loss on the best of them), the others
 the single output; the output with the highest predicted IoU is fed back and clicked on.
 
+The same loop runs SAM 2's image recipe (``PromptRecipe`` / ``LossWeights`` fields, defaults SAM's;
+docs/sam2_training.md): 7 corrective clicks, some from the ground truth, per-step coins, and with a
+decoder that returns object-score logits, SAM 2's hard "no object" masks and its object-score loss.
+
 The model enters only through ``decode``, a callable from the prompts of all masks to their
 low-res logits and IoU predictions, so any implementation of SAM's decoder (samtrain's batched
 ``Sam.decode_masks``, the official modules called per image) runs the same recipe with the same
