@@ -93,3 +93,9 @@ def test_sam2_optim_groups_compose(tiny_cfg):
         in_encoder = {id(p) in encoder for p in group["params"]}
         assert len(in_encoder) == 1
         assert group["lr"] == (1.0e-5 if in_encoder.pop() else module.hparams.lr)
+
+
+def test_sam2_optim_on_a_sam1_model_names_the_missing_trunk(tiny_cfg):
+    module = hydra.utils.instantiate(tiny_cfg("model/optim=sam2", "model.scheduler=null").model)
+    with pytest.raises(ValueError, match=r"layer_decay_module 'image_encoder\.trunk'"):
+        module.configure_optimizers()
