@@ -371,8 +371,9 @@ class SamModule(pl.LightningModule):
         if self.compile_options is not None and not self.net.compiled:
             self.net.compile_parts(**self.compile_options)
 
-    def configure_optimizers(self):
-        groups = sam_param_groups(
+    def param_groups(self) -> list[dict]:
+        """The optimizer's parameter groups (``sam_param_groups`` with this module's settings)."""
+        return sam_param_groups(
             self.net,
             lr=self.hparams.lr,
             weight_decay=self.hparams.weight_decay,
@@ -381,7 +382,9 @@ class SamModule(pl.LightningModule):
             layer_decay_module=self.hparams.layer_decay_module,
             layer_decay_overrides=self.hparams.layer_decay_overrides,
         )
-        optimizer = self.optimizer_factory(params=groups)
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(params=self.param_groups())
         if self.scheduler_factory is None:
             return optimizer
         total_steps = int(self.trainer.estimated_stepping_batches)
