@@ -35,6 +35,7 @@ __all__ = [
 
 
 ERROR_POINT_METHODS = ("uniform", "center")
+BOX_NOISE = ("gaussian", "uniform")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -84,6 +85,14 @@ def _normal(source: RandomSource, shape: tuple[int, int], device: torch.device) 
         _check_rows(source, shape[0])
         return source.randn(shape[1])
     return torch.randn(shape, generator=source, device=device)
+
+
+def _uniform_rows(source: RandomSource, shape: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """float32 ``shape`` = (n, k) uniform in [0, 1) from either kind of source."""
+    if isinstance(source, KeyedRandom):
+        _check_rows(source, shape[0])
+        return source.rand(shape[1])
+    return torch.rand(shape, generator=source, device=device)
 
 
 def _check_rows(source: KeyedRandom, n: int) -> None:
@@ -181,17 +190,23 @@ def jitter_boxes(
     noise_std: float = 0.1,
     noise_max: float = 20.0,
     generator: RandomSource,
+    distribution: str = "gaussian",
 ) -> torch.Tensor:
-    """Add SAM's box noise: gaussian per coordinate, std ``noise_std`` times the box side.
+    """Add box noise per coordinate, scaled by the box side (``x2 - x1`` for x, ``y2 - y1`` for y).
 
-    The side is ``x2 - x1`` for x coordinates and ``y2 - y1`` for y. Each offset is clamped to
-    ``[-noise_max, noise_max]`` pixels, the box clipped to ``[0, W-1] x [0, H-1]`` and its corners
-    re-ordered so that ``x1 <= x2`` and ``y1 <= y2``.
+    - ``"gaussian"`` (SAM): std ``noise_std`` times the side, each offset clamped to
+      ``[-noise_max, noise_max]`` pixels.
+    - ``"uniform"`` (SAM 2's ``sample_box_points``): uniform in ``[-b, b]`` with
+      ``b = min(noise_std * side, noise_max)``.
+
+    The box is then clipped to ``[0, W-1] x [0, H-1]`` and its corners re-ordered so that
+    ``x1 <= x2`` and ``y1 <= y2``.
 
     Args:
         boxes: ``(N, 4) float`` ``(x1, y1, x2, y2)``.
         image_size: ``(H, W)`` of the pixel grid the boxes live in.
         generator: on the boxes' device.
+        distribution: ``"gaussian"`` or ``"uniform"``.
 
     Returns:
         ``(N, 4) float`` jittered boxes (float32 for non-float input).
@@ -205,8 +220,15 @@ def jitter_boxes(
         boxes = boxes.to(torch.float32)
     height, width = image_size
     side = (boxes[:, 2:] - boxes[:, :2]).repeat(1, 2)  # (w, h, w, h)
-    noise = _normal(generator, tuple(boxes.shape), boxes.device).to(boxes.dtype)
-    noisy = boxes + (noise * noise_std * side).clamp(-noise_max, noise_max)
+    if distribution == "gaussian":
+        noise = _normal(generator, tuple(boxes.shape), boxes.device).to(boxes.dtype)
+        offset = (noise * noise_std * side).clamp(-noise_max, noise_max)
+    elif distribution == "uniform":
+        noise = _uniform_rows(generator, tuple(boxes.shape), boxes.device).to(boxes.dtype)
+        offset = (2 * noise - 1) * (noise_std * side).clamp(max=noise_max)
+    else:
+        raise ValueError(f"unknown box noise distribution {distribution!r}; expected one of {BOX_NOISE}")
+    noisy = boxes + offset
     upper = torch.tensor([width - 1, height - 1], device=boxes.device, dtype=boxes.dtype).repeat(2)
     noisy = noisy.clamp(min=0).minimum(upper)
     x1, y1, x2, y2 = noisy.unbind(1)
@@ -221,6 +243,7 @@ def sample_initial_prompts(
     box_noise_std: float = 0.1,
     box_noise_max: float = 20.0,
     choice_generator: RandomSource | None = None,
+    box_noise: str = "gaussian",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """First prompt per mask: a positive point uniform in the mask, or its jittered box.
 
@@ -228,7 +251,8 @@ def sample_initial_prompts(
         masks: ``(N, H, W) bool``.
         point_prob: probability of a point prompt (1: all points, 0: all boxes).
         generator: per-mask draws (point position, box noise), on the masks' device.
-        box_noise_std, box_noise_max: see :func:`jitter_boxes`.
+        box_noise_std, box_noise_max, box_noise: see :func:`jitter_boxes` (``box_noise`` is its
+            ``distribution``).
         choice_generator: draws the point-or-box choice of each mask (default: ``generator``).
 
     Returns:
@@ -253,6 +277,7 @@ def sample_initial_prompts(
         noise_std=box_noise_std,
         noise_max=box_noise_max,
         generator=generator,
+        distribution=box_noise,
     )
     coords = torch.where(is_point[:, None, None], point_coords, boxes.view(n, 2, 2))
 

@@ -33,7 +33,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
-from samtrain.lightning.optim import sam_param_groups
 from samtrain.lightning.sam_module import SamModule
 
 # Lightning's precision names -> the autocast dtype of the forward pass (None: no autocast) and the
@@ -229,13 +228,7 @@ def synthetic_batch_shapes(
 
 def build_optimizer(module: SamModule) -> torch.optim.Optimizer:
     """The optimizer ``SamModule.configure_optimizers`` builds (without its scheduler)."""
-    groups = sam_param_groups(
-        module.net,
-        lr=module.hparams.lr,
-        weight_decay=module.hparams.weight_decay,
-        layer_decay=module.hparams.layer_decay,
-    )
-    return module.optimizer_factory(params=groups)
+    return module.optimizer_factory(params=module.param_groups())
 
 
 def init_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> None:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import fnmatch
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from timm.optim import param_groups_layer_decay
 from torch import nn
@@ -21,30 +22,95 @@ def no_weight_decay(name: str, param: nn.Parameter) -> bool:
 
 
 def sam_param_groups(
-    model: nn.Module, *, lr: float, weight_decay: float, layer_decay: float | None = None
+    model: nn.Module,
+    *,
+    lr: float,
+    weight_decay: float,
+    layer_decay: float | None = None,
+    encoder_lr: float | None = None,
+    layer_decay_module: str = "image_encoder",
+    layer_decay_overrides: Mapping[str, float] | None = None,
 ) -> list[dict]:
-    """Optimizer groups for a Sam: decay / no-decay, and layer-wise lr decay for the encoder.
+    """Optimizer groups for a Sam (or Sam2): decay / no-decay, the encoder's own lr, and layer-wise
+    lr decay for its blocks.
 
-    With ``layer_decay`` the encoder uses timm's ``param_groups_layer_decay`` (block i of L gets
-    lr * layer_decay ** (L + 1 - i)); the prompt encoder and mask decoder keep the full lr.
+    With ``layer_decay`` the module ``layer_decay_module`` (a timm model: SAM's ViT
+    ``image_encoder``, SAM 2's Hiera ``image_encoder.trunk``) uses timm's
+    ``param_groups_layer_decay`` (block i of L gets lr * layer_decay ** (L - i), the stem
+    layer_decay ** (L + 1)); ``layer_decay_overrides`` maps fnmatch patterns of full parameter
+    names to the scale they take instead (SAM 2: ``{"*pos_embed*": 1.0}``). Every parameter under
+    ``image_encoder.`` trains at ``encoder_lr`` (times its scale; None: ``lr``), the rest at ``lr``.
     Frozen parameters are left out. Each group carries its own "lr".
     """
+    encoder_lr = lr if encoder_lr is None else encoder_lr
     groups: list[dict] = []
-    encoder = model.image_encoder
-    if layer_decay is not None and any(p.requires_grad for p in encoder.parameters()):
-        no_decay = [n for n, p in encoder.named_parameters() if no_weight_decay(n, p)]
-        for group in param_groups_layer_decay(
-            encoder, weight_decay=weight_decay, no_weight_decay_list=no_decay, layer_decay=layer_decay
-        ):
-            params = [p for p in group["params"] if p.requires_grad]
-            if params:
-                groups.append(
-                    {"params": params, "weight_decay": group["weight_decay"], "lr": lr * group["lr_scale"]}
-                )
-        rest = [(n, p) for n, p in model.named_parameters() if not n.startswith("image_encoder.")]
-    else:
-        rest = list(model.named_parameters())
-    return groups + decay_groups(rest, weight_decay=weight_decay, lr=lr)
+    try:
+        decayed = model.get_submodule(layer_decay_module)
+    except AttributeError as error:
+        raise ValueError(
+            f"layer_decay_module {layer_decay_module!r}: {type(model).__name__} has no such submodule ({error})"
+        ) from None
+    prefix = f"{layer_decay_module}."
+    use_layer_decay = layer_decay is not None and any(p.requires_grad for p in decayed.parameters())
+    if use_layer_decay:
+        groups = layer_decay_groups(
+            decayed,
+            prefix=prefix,
+            lr=encoder_lr if prefix.startswith("image_encoder.") else lr,
+            weight_decay=weight_decay,
+            layer_decay=layer_decay,
+            overrides=layer_decay_overrides or {},
+        )
+    rest = [(n, p) for n, p in model.named_parameters() if not (use_layer_decay and n.startswith(prefix))]
+    if encoder_lr == lr:
+        return groups + decay_groups(rest, weight_decay=weight_decay, lr=lr)
+    encoder_rest = [(n, p) for n, p in rest if n.startswith("image_encoder.")]
+    others = [(n, p) for n, p in rest if not n.startswith("image_encoder.")]
+    return (
+        groups
+        + decay_groups(encoder_rest, weight_decay=weight_decay, lr=encoder_lr)
+        + decay_groups(others, weight_decay=weight_decay, lr=lr)
+    )
+
+
+def layer_decay_groups(
+    module: nn.Module,
+    *,
+    prefix: str,
+    lr: float,
+    weight_decay: float,
+    layer_decay: float,
+    overrides: Mapping[str, float],
+) -> list[dict]:
+    """timm's layer-decay groups of ``module`` (its parameters named ``prefix`` + name in the model),
+    trainable parameters only, each group with ``lr * scale``; a parameter whose full name matches an
+    ``overrides`` pattern takes that pattern's scale in a group of its own kind."""
+    names = {id(p): prefix + n for n, p in module.named_parameters()}
+    no_decay = [n for n, p in module.named_parameters() if no_weight_decay(n, p)]
+    groups: list[dict] = []
+    overridden: dict[tuple[str, float], dict] = {}
+    for group in param_groups_layer_decay(
+        module, weight_decay=weight_decay, no_weight_decay_list=no_decay, layer_decay=layer_decay
+    ):
+        params = []
+        for param in group["params"]:
+            if not param.requires_grad:
+                continue
+            pattern = next((pat for pat in overrides if fnmatch.fnmatchcase(names[id(param)], pat)), None)
+            if pattern is None:
+                params.append(param)
+                continue
+            key = (pattern, group["weight_decay"])
+            entry = overridden.setdefault(
+                key,
+                {"params": [], "weight_decay": group["weight_decay"], "lr": lr * float(overrides[pattern])},
+            )
+            entry["params"].append(param)
+        if params:
+            groups.append(
+                {"params": params, "weight_decay": group["weight_decay"], "lr": lr * group["lr_scale"]}
+            )
+    return groups + list(overridden.values())
 
 
 def decay_groups(

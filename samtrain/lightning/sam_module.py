@@ -9,6 +9,7 @@ checkpointing, per-pass backward, the loss normaliser across ranks, validation, 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from functools import partial
@@ -37,6 +38,14 @@ from samtrain.models.sam.mask_decoder import DecoderImage
 from samtrain.models.sam.model import Sam
 
 SAM_PARTS = ("image_encoder", "prompt_encoder", "mask_decoder")
+
+
+def supports_object_scores(net) -> bool:
+    """Whether the model's ``decode_masks`` can return object-score logits (SAM 2's head)."""
+    decode = getattr(net, "decode_masks", None)
+    return decode is not None and "return_object_scores" in inspect.signature(decode).parameters
+
+
 VAL_RUNS_KEY = "samtrain_val_runs"  # checkpoint entry: the validation runs of the fit so far
 # Validation scores the resized model-input frame (logits > 0, the eval transform's masks), not the
 # published protocol at the original resolution (`samtrain eval`): its metric names say so.
@@ -53,9 +62,12 @@ class SamModule(pl.LightningModule):
             run's optimizer steps and stepped every optimizer step (e.g.
             ``samtrain.lightning.optim.step_schedule``); None: the lr stays constant.
         prompts: the prompt simulation recipe.
-        loss: loss weights.
+        loss: loss weights; ``loss.object_score > 0`` (SAM 2's recipe) asks the model for
+            object-score logits (``decode_masks(..., return_object_scores=True)``).
         freeze: parts of the model that do not train ("image_encoder", ...).
-        lr, weight_decay, layer_decay: see ``samtrain.lightning.optim.sam_param_groups``.
+        lr, weight_decay, layer_decay, encoder_lr, layer_decay_module, layer_decay_overrides: see
+            ``samtrain.lightning.optim.sam_param_groups`` (SAM 2.1's finetune: encoder_lr 0.6 lr,
+            layer decay 0.9 on ``image_encoder.trunk``, ``{"*pos_embed*": 1.0}``).
         seed: seeds the per-step prompt draws (with the global step and each mask's identity).
         val_max_clicks: clicks of the validation click curve (1 for the cheap metrics only).
         val_full_curve_every: in a fit, run the full click curve at every n-th validation run (the
@@ -84,6 +96,9 @@ class SamModule(pl.LightningModule):
         lr: float = 8e-4,
         weight_decay: float = 0.1,
         layer_decay: float | None = None,
+        encoder_lr: float | None = None,
+        layer_decay_module: str = "image_encoder",
+        layer_decay_overrides: dict[str, float] | None = None,
         seed: int = 0,
         val_max_clicks: int = 20,
         val_full_curve_every: int = 1,
@@ -110,6 +125,13 @@ class SamModule(pl.LightningModule):
             raise ValueError("freeze: image_encoder would freeze its LoRA layers too; LoRA freezes the rest")
         for part in self.freeze:
             getattr(self.net, part).requires_grad_(False)
+        self.object_scores = self.loss_weights.wants_object_scores
+        if self.object_scores and not supports_object_scores(self.net):
+            raise ValueError(
+                f"model.loss.object_score={self.loss_weights.object_score} needs a model with an object-score "
+                f"head (SAM 2), but {type(self.net).__name__}.decode_masks has no return_object_scores; "
+                "set model.loss.object_score=0 (e.g. model/loss=sam) for a SAM 1 model"
+            )
         if encoder_checkpointing:
             set_encoder_checkpointing(self.net.image_encoder)
         self.decoder_checkpointing = decoder_checkpointing
@@ -166,15 +188,19 @@ class SamModule(pl.LightningModule):
         if self.decoder_checkpointing and torch.is_grad_enabled():
             decode = partial(checkpoint, decode, use_reentrant=False)
 
-        def run(prompts: Prompts) -> tuple[torch.Tensor, torch.Tensor]:
-            # The prompts carry their own padding (a point is [point, pad], a box its two corners), so
-            # each mask's tokens are exactly those the official predictor builds for the same prompt.
+        extra = {"return_object_scores": True} if self.object_scores else {}
+
+        def run(prompts: Prompts) -> tuple[torch.Tensor, ...]:
+            # The prompts carry their own padding (a point is [point, pad], a box its two corners, or
+            # [corners, pad] with prompts.pad_boxes), so each mask's tokens are exactly those the
+            # official predictor builds for the same prompt.
             return decode(
                 image,
                 points=(prompts.coords, prompts.labels),
                 mask_inputs=prompts.mask_input,
                 image_indices=image_indices,
                 pad_points=False,
+                **extra,
             )
 
         return run
@@ -187,7 +213,7 @@ class SamModule(pl.LightningModule):
         per_pass = None
         if self.decoder_backward_per_pass and torch.is_grad_enabled():
             decoder_side = [*self.net.prompt_encoder.parameters(), *self.net.mask_decoder.parameters()]
-            per_pass = PerPassBackward(decoder_side, image, weight=1.0 / self.passes_per_step)
+            per_pass = PerPassBackward(decoder_side, image, weight=self.pass_weight)
             image = per_pass.image
         result = simulate_interaction(
             self.decoder(image, image_indices),
@@ -206,6 +232,11 @@ class SamModule(pl.LightningModule):
     @property
     def passes_per_step(self) -> int:
         return 1 + self.prompts.num_click_passes + self.prompts.num_mask_only_passes
+
+    @property
+    def pass_weight(self) -> float:
+        """The weight of each pass's loss in the step's: 1 / passes (their mean) or 1 (their sum)."""
+        return 1.0 if self.loss_weights.pass_reduction == "sum" else 1.0 / self.passes_per_step
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         if "masks" not in batch:  # every sample of the batch was unreadable (counted by SkippedSamplesBudget)
@@ -340,14 +371,20 @@ class SamModule(pl.LightningModule):
         if self.compile_options is not None and not self.net.compiled:
             self.net.compile_parts(**self.compile_options)
 
-    def configure_optimizers(self):
-        groups = sam_param_groups(
+    def param_groups(self) -> list[dict]:
+        """The optimizer's parameter groups (``sam_param_groups`` with this module's settings)."""
+        return sam_param_groups(
             self.net,
             lr=self.hparams.lr,
             weight_decay=self.hparams.weight_decay,
             layer_decay=self.hparams.layer_decay,
+            encoder_lr=self.hparams.encoder_lr,
+            layer_decay_module=self.hparams.layer_decay_module,
+            layer_decay_overrides=self.hparams.layer_decay_overrides,
         )
-        optimizer = self.optimizer_factory(params=groups)
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(params=self.param_groups())
         if self.scheduler_factory is None:
             return optimizer
         total_steps = int(self.trainer.estimated_stepping_batches)
