@@ -31,6 +31,7 @@ class Sam2(nn.Module):
 
     mask_threshold: float = 0.0
     image_format: str = "RGB"
+    low_res_clamp: float | None = 32.0  # SAM2ImagePredictor clamps the low-res logits it returns
 
     def __init__(
         self,
@@ -73,8 +74,11 @@ class Sam2(nn.Module):
 
     # The model-input frame.
 
-    def input_size(self, original_size: tuple[int, int]) -> tuple[int, int]:
-        """(H, W) of an image -> (h, w) of it in the model input: always (S, S)."""
+    def transformed_input_size(self, image: torch.Tensor, original_size: tuple[int, int]) -> tuple[int, int]:
+        """The (h, w) a transformed image (1, 3, H, W) (:meth:`transform_image`) takes in the model
+        input: always (S, S)."""
+        if image.ndim != 4 or image.shape[1] != 3:
+            raise ValueError(f"expected a (1, 3, H, W) image, got {tuple(image.shape)}")
         return (self.image_size, self.image_size)
 
     def transform_image(self, image: np.ndarray) -> torch.Tensor:
