@@ -29,7 +29,7 @@ from samtrain.models.sam2.model import Sam2
 log = logging.getLogger(__name__)
 
 PROMPT_EMBED_DIM = 256
-SAM_VARIANTS = tuple(ENCODER_SPECS) + SAM2_VARIANTS
+SAM_VARIANTS = tuple(ENCODER_SPECS)  # SAM 1; SAM2_VARIANTS (samtrain.models.sam2.build) build a Sam2
 
 
 def build_sam(
