@@ -44,7 +44,7 @@ def build_sam(
 ) -> Sam | Sam2:
     """A SAM model of the given variant (vit_t | vit_b | vit_l | vit_h) at image_size; a SAM 2.1
     variant (sam2.1_hiera_t | s | b+ | l, nano sam2.1_hiera_n) builds a Sam2 (see
-    ``samtrain.models.sam2.build.build_sam2``; encoder_init and lora are SAM's only).
+    ``samtrain.models.sam2.build.build_sam2``; encoder_init is SAM's only).
 
     ``checkpoint`` may be an official ``sam_vit_*.pth``, an export of samtrain (``.pth`` or
     ``.safetensors``) or a Lightning checkpoint; weights made at another image size are resampled.
@@ -54,9 +54,13 @@ def build_sam(
     layers to the encoder after the weights are loaded and freezes the encoder's other parameters.
     """
     if variant in SAM2_VARIANTS:
-        if encoder_init is not None or lora:
-            raise ValueError(f"encoder_init and lora are not available for the SAM 2 variant {variant!r}")
-        return build_sam2(variant, image_size, checkpoint, drop_path_rate=drop_path_rate, strict=strict)
+        if encoder_init is not None:
+            raise ValueError(
+                f"encoder_init (MAE weights for a ViT) does not apply to the SAM 2 variant {variant!r}"
+            )
+        return build_sam2(
+            variant, image_size, checkpoint, drop_path_rate=drop_path_rate, strict=strict, lora=lora
+        )
     grid = image_size // PATCH_SIZE
     model = Sam(
         image_encoder=build_image_encoder(variant, image_size=image_size, drop_path_rate=drop_path_rate),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from samtrain.models.lora import add_lora
 from samtrain.models.sam.prompt_encoder import PromptEncoder
 from samtrain.models.sam.transformer import TwoWayTransformer
 from samtrain.models.sam2.checkpoint import load_sam2_checkpoint
@@ -64,12 +65,16 @@ def build_sam2(
     *,
     drop_path_rate: float = 0.0,
     strict: bool = True,
+    lora: dict | None = None,
 ) -> Sam2:
     """A SAM 2.1 image model (sam2.1_hiera_t | s | b+ | l, or the nano sam2.1_hiera_n) at image_size.
 
     ``checkpoint``: an official ``sam2.1_hiera_*.pt`` (its video-memory keys are ignored and counted),
     an export of samtrain or a Lightning checkpoint. The trunk's position embedding is interpolated
     to the grid at run time, so weights of any image size load as they are.
+    ``lora`` (``{rank, alpha, targets, dropout}``, see ``samtrain.models.lora.add_lora``) adds LoRA
+    layers to the trunk's blocks after the weights are loaded and freezes the rest of the image
+    encoder (trunk, neck, ``conv_s0``/``conv_s1``, ``no_mem_embed``).
     """
     if variant not in HIERA_SPECS:
         raise ValueError(f"unknown SAM 2 variant {variant!r}; choose one of {sorted(HIERA_SPECS)}")
@@ -100,4 +105,7 @@ def build_sam2(
     )
     if checkpoint is not None:
         log.info("%s", load_sam2_checkpoint(model, checkpoint, strict=strict))
+    if lora:
+        wrapped = add_lora(model.image_encoder, **lora)
+        log.info("LoRA on %d trunk layers, the rest of the image encoder frozen: %s", len(wrapped), wrapped)
     return model

@@ -173,6 +173,12 @@ class Sam2ImageEncoder(nn.Module):
         self.no_mem_embed = nn.Parameter(torch.zeros(1, 1, d_model))
         nn.init.trunc_normal_(self.no_mem_embed, std=0.02)
 
+    @property
+    def blocks(self) -> nn.Sequential:
+        """The trunk's transformer blocks (what ``samtrain.models.lora.add_lora`` wraps; Hiera's
+        attention has ``qkv`` and ``proj``, its MLP ``fc1`` and ``fc2``)."""
+        return self.trunk.blocks
+
     def backbone(self, images: torch.Tensor) -> list[torch.Tensor]:
         """(B, 3, S, S) normalised -> the neck's levels after the scalp, highest resolution first:
         (B, 256, S/4, S/4), (B, 256, S/8, S/8), (B, 256, S/16, S/16) in SAM 2.1 (official

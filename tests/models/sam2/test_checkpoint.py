@@ -94,3 +94,26 @@ def test_wrong_files_fail_clearly(setup, tmp_path):
         export_sam_checkpoint(ours, tmp_path / "y.pt", original=plain)
     with pytest.raises(ValueError, match="SAM 2 models only"):
         export_sam_checkpoint(build_sam("vit_t", image_size=64), tmp_path / "z.pt", original=plain)
+
+
+def test_lora_on_hiera_trains_only_lora_and_exports_merged(setup, tmp_path):
+    """LoRA on the trunk's qkv: the image encoder's other parameters frozen; the export (merged)
+    loads into a plain Sam2 that computes the same masks."""
+    _, path, _, _ = setup
+    model = build_sam(VARIANT, image_size=IMAGE_SIZE, checkpoint=path, lora={"rank": 2, "targets": ("qkv",)})
+    trainable = [n for n, p in model.image_encoder.named_parameters() if p.requires_grad]
+    assert trainable and all(n.endswith(("lora_A", "lora_B")) for n in trainable)
+    assert len(trainable) == 2 * len(model.image_encoder.trunk.blocks)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("lora_B"):
+                p.normal_(0, 0.1)
+    model.eval()
+    out = export_sam_checkpoint(model, tmp_path / "lora.pt", original=path)
+    plain = build_sam(VARIANT, image_size=IMAGE_SIZE, checkpoint=out).eval()
+    images = torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
+    points = (torch.tensor([[[20.0, 30.0]]]), torch.tensor([[1]]))
+    with torch.no_grad():
+        want = model.decode_masks(model.image_encoder(images), points=points)[0]
+        got = plain.decode_masks(plain.image_encoder(images), points=points)[0]
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)

@@ -73,8 +73,8 @@ def test_image_sizes_hiera_cannot_take_are_refused(image_size):
 
 
 def test_sam_only_options_are_refused():
-    with pytest.raises(ValueError, match="lora"):
-        build_sam("sam2.1_hiera_n", image_size=64, lora={"rank": 4})
+    with pytest.raises(ValueError, match="encoder_init"):
+        build_sam("sam2.1_hiera_n", image_size=64, encoder_init="mae.safetensors")
 
 
 def test_forward_backward_reaches_every_parameter():
