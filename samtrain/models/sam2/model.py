@@ -59,9 +59,9 @@ class Sam2(nn.Module):
         return self.pixel_mean.device
 
     def compiled_parts(self) -> dict[str, nn.Module]:
-        """The submodules ``compile_parts`` compiles: the trunk and the decoder's heavy blocks."""
+        """The submodules ``compile_parts`` compiles: the image encoder and the decoder's heavy blocks."""
         return {
-            "image_encoder.trunk": self.image_encoder.trunk,
+            "image_encoder": self.image_encoder,
             "mask_decoder.transformer": self.mask_decoder.transformer,
             "mask_decoder.output_upscaling": self.mask_decoder.output_upscaling,
         }
