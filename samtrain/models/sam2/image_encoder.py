@@ -179,6 +179,11 @@ class Sam2ImageEncoder(nn.Module):
         attention has ``qkv`` and ``proj``, its MLP ``fc1`` and ``fc2``)."""
         return self.trunk.blocks
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing of every trunk block (timm's, non-reentrant unless timm was
+        told otherwise; ``samtrain.models.sam.image_encoder.set_encoder_checkpointing`` checks that)."""
+        self.trunk.set_grad_checkpointing(enable)
+
     def backbone(self, images: torch.Tensor) -> list[torch.Tensor]:
         """(B, 3, S, S) normalised -> the neck's levels after the scalp, highest resolution first:
         (B, 256, S/4, S/4), (B, 256, S/8, S/8), (B, 256, S/16, S/16) in SAM 2.1 (official

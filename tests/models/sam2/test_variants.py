@@ -102,3 +102,22 @@ def test_forward_backward_reaches_every_parameter():
     sum(t.mean() for t in (*with_mask, *first)).backward()
     no_grad = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
     assert not no_grad, no_grad
+
+
+def test_encoder_checkpointing_gives_the_same_gradients():
+    from samtrain.models.sam.image_encoder import set_encoder_checkpointing
+
+    torch.manual_seed(0)
+    model = build_sam("sam2.1_hiera_n", image_size=64)
+    images = torch.randn(1, 3, 64, 64)
+
+    def trunk_grads():
+        model.zero_grad()
+        sum(t.square().mean() for t in model.image_encoder(images).tensors()).backward()
+        return [p.grad.clone() for p in model.image_encoder.trunk.parameters()]
+
+    plain = trunk_grads()
+    set_encoder_checkpointing(model.image_encoder)
+    assert model.image_encoder.trunk.grad_checkpointing
+    for a, b in zip(trunk_grads(), plain, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
