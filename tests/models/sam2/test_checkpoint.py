@@ -5,6 +5,9 @@ non-strictly."""
 
 from __future__ import annotations
 
+import warnings
+
+import numpy as np
 import pytest
 import torch
 
@@ -14,7 +17,14 @@ from samtrain.models.sam2.checkpoint import (
     official_to_samtrain_sam2,
     samtrain_to_official_sam2,
 )
-from tests.models.sam2.oracle import build_official_sam2, official_and_samtrain, official_build_sam2
+from tests.models.sam2.oracle import (
+    CONFIGS,
+    build_official_sam2,
+    official_and_samtrain,
+    official_build_sam2,
+    overrides,
+    sam2_hydra,
+)
 
 VARIANT, IMAGE_SIZE = "sam2.1_hiera_n", 64
 
@@ -117,3 +127,38 @@ def test_lora_on_hiera_trains_only_lora_and_exports_merged(setup, tmp_path):
         want = model.decode_masks(model.image_encoder(images), points=points)[0]
         got = plain.decode_masks(plain.image_encoder(images), points=points)[0]
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+def test_video_inference_runs_on_the_export(setup, tmp_path):
+    """The export into the original still serves the official video predictor: it loads strictly
+    and propagates a click through a short clip."""
+    from PIL import Image
+    from sam2.build_sam import build_sam2_video_predictor
+
+    _, path, ours, _ = setup
+    out = export_sam_checkpoint(ours, tmp_path / "finetuned.pt", original=path)
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(frames / f"{i:05d}.jpg")
+    with sam2_hydra():
+        video = build_sam2_video_predictor(
+            CONFIGS[VARIANT],
+            ckpt_path=str(out),
+            device="cpu",
+            hydra_overrides_extra=overrides(VARIANT, IMAGE_SIZE),
+        )
+    state = video.init_state(video_path=str(frames))
+    video.add_new_points_or_box(
+        state,
+        frame_idx=0,
+        obj_id=1,
+        points=np.array([[30.0, 20.0]], np.float32),
+        labels=np.array([1], np.int32),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the official hole filling needs its CUDA extension
+        outputs = list(video.propagate_in_video(state))
+    assert [frame for frame, _, _ in outputs] == [0, 1]
+    assert all(masks.shape == (1, 1, 48, 64) for _, _, masks in outputs)
