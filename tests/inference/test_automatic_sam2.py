@@ -13,10 +13,7 @@ from samtrain.models import build_sam
 from tests.inference.test_automatic import BASE, MASK_THRESHOLD, assert_same_records, image  # noqa: F401
 from tests.models.sam2.oracle import build_official_sam2, randomise
 
-SETTINGS = {
-    "nms": dict(BASE),
-    "no_nms": dict(BASE, pred_iou_thresh=0.2, box_nms_thresh=1.0),
-}
+SETTINGS = {"nms": dict(BASE)}  # the filters and NMS; test_automatic covers the settings' logic
 
 
 @pytest.fixture(scope="module")

@@ -88,9 +88,13 @@ def test_image_only_export_loads_into_samtrain_and_official_non_strictly(setup):
 
 
 def test_export_refuses_an_original_of_another_variant(setup, tmp_path):
-    _, path, _, _ = setup
+    _, path, ours, _ = setup
+    content = torch.load(path, weights_only=True)
+    content["model"]["sam_mask_decoder.conv_s0.weight"] = torch.zeros(16, 256, 1, 1)  # another width
+    other = tmp_path / "other.pt"
+    torch.save(content, other)
     with pytest.raises(ValueError, match="does not fit"):
-        export_sam_checkpoint(build_sam("sam2.1_hiera_t", image_size=64), tmp_path / "x.pt", original=path)
+        export_sam_checkpoint(ours, tmp_path / "x.pt", original=other)
 
 
 def test_wrong_files_fail_clearly(setup, tmp_path):

@@ -51,7 +51,7 @@ def test_variants_are_listed():
     assert set(REAL) < set(SAM2_VARIANTS) and not set(SAM2_VARIANTS) & set(SAM_VARIANTS)
 
 
-@pytest.mark.parametrize("image_size", [96, 160, 512])
+@pytest.mark.parametrize("image_size", [96, 160])
 def test_other_image_sizes_build_and_run(image_size):
     with torch.device("meta"):
         model = build_sam("sam2.1_hiera_t", image_size=image_size)
