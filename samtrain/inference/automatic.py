@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 from torchvision.ops import batched_nms, box_area
 
-from samtrain.frame import logits_at_original_size, scale_coords
 from samtrain.inference.predictor import SamPredictor
 from samtrain.models.sam.model import Sam
+from samtrain.models.sam2.model import Sam2
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
 CROP_EDGE_TOLERANCE = 20.0  # px: a box this close to a crop's inner edge was cut by the crop
@@ -165,7 +165,7 @@ class AutomaticMaskGenerator:
     """Masks for everything in an image, as the official ``SamAutomaticMaskGenerator``.
 
     Args (the official defaults, chosen for vit_h):
-        model: a samtrain :class:`Sam` in eval mode.
+        model: a samtrain :class:`Sam` or :class:`Sam2` in eval mode.
         points_per_side: grid points per side of the (first-layer) grid; None with ``point_grids``.
         points_per_batch: grid points per decoder call (each gives 3 masks); larger is faster on a GPU.
         pred_iou_thresh: keep masks whose predicted IoU is above this (0 keeps every mask).
@@ -183,7 +183,7 @@ class AutomaticMaskGenerator:
 
     def __init__(
         self,
-        model: Sam,
+        model: Sam | Sam2,
         *,
         points_per_side: int | None = 32,
         points_per_batch: int = 64,
@@ -230,7 +230,7 @@ class AutomaticMaskGenerator:
         self.output_mode = output_mode
 
     @property
-    def model(self) -> Sam:
+    def model(self) -> Sam | Sam2:
         return self.predictor.model
 
     @torch.no_grad()
@@ -313,7 +313,7 @@ class AutomaticMaskGenerator:
         """points (P, 2) in the crop's pixels -> the masks of theirs that pass the filters, with
         boxes in the crop frame and RLEs in the image frame."""
         predictor, model = self.predictor, self.model
-        coords = scale_coords(points, predictor.original_size, model.image_size)
+        coords = model.transform_coords(points, predictor.original_size)
         coords = torch.as_tensor(coords, dtype=torch.float32, device=model.device)[:, None, :]
         labels = torch.ones(coords.shape[:2], dtype=torch.int64, device=model.device)
         low_res, iou = model.decode_masks(decoder_image, points=(coords, labels))
@@ -325,8 +325,8 @@ class AutomaticMaskGenerator:
             keep = keep[iou > self.pred_iou_thresh]
         if len(keep) == 0:
             return MaskSet()
-        logits = logits_at_original_size(
-            low_res[keep, None].float(), model.image_size, predictor.input_size, predictor.original_size
+        logits = model.postprocess_masks(
+            low_res[keep, None].float(), predictor.input_size, predictor.original_size
         )[:, 0]
         stability = stability_scores(logits, model.mask_threshold, self.stability_score_offset)
         if self.stability_score_thresh > 0.0:

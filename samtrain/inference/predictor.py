@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from samtrain.frame import resize_longest_side, scale_boxes, scale_coords
 from samtrain.models.sam.model import Sam
+from samtrain.models.sam2.model import Sam2
 
 
 class SamPredictor:
@@ -17,9 +17,14 @@ class SamPredictor:
     different numbers of points), as in the official predictor. Unlike it, points and box corners
     outside the image are refused: they nearly always mean coordinates in another frame (the
     resized image, or (row, column) order).
+
+    A :class:`~samtrain.models.sam2.model.Sam2` works the same, with ``SAM2ImagePredictor``'s
+    semantics: the model's own frame (``transform_image``, ``transform_coords``,
+    ``postprocess_masks``), its output selection (dynamic multimask via stability for a single
+    output) and its clamp of the returned low-res logits.
     """
 
-    def __init__(self, sam_model: Sam) -> None:
+    def __init__(self, sam_model: Sam | Sam2) -> None:
         self.model = sam_model
         self.reset_image()
 
@@ -47,30 +52,21 @@ class SamPredictor:
             raise ValueError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
         if image_format != self.model.image_format:
             image = image[..., ::-1]
-        resized = np.array(resize_longest_side(np.ascontiguousarray(image), self.model.image_size))
-        tensor = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).unsqueeze(0)
-        self.set_torch_image(tensor, image.shape[:2])
+        self.set_torch_image(self.model.transform_image(image), image.shape[:2])
 
     @torch.no_grad()
     def set_torch_image(self, transformed_image: torch.Tensor, original_image_size: tuple[int, int]) -> None:
-        """transformed_image: (1, 3, h, w) 0-255 with the longest side resized to the model's size."""
-        size = self.model.image_size
-        if (
-            transformed_image.ndim != 4
-            or transformed_image.shape[1] != 3
-            or max(transformed_image.shape[2:]) != size
-        ):
-            raise ValueError(
-                f"expected a (1, 3, h, w) image with longest side {size}, got {tuple(transformed_image.shape)}"
-            )
+        """transformed_image: (1, 3, h, w) 0-255, as the model's ``transform_image`` makes it (SAM: the
+        longest side resized to the model's size; SAM 2: any size, resized by its preprocess)."""
+        input_size = self.model.transformed_input_size(transformed_image, original_image_size)
         self.reset_image()
         self.original_size = (int(original_image_size[0]), int(original_image_size[1]))
-        self.input_size = (int(transformed_image.shape[-2]), int(transformed_image.shape[-1]))
+        self.input_size = input_size
         self.features = self.model.image_encoder(self.model.preprocess(transformed_image.float()))
         self.is_image_set = True
 
     def get_image_embedding(self) -> torch.Tensor:
-        """The current image's embedding (1, 256, S/16, S/16)."""
+        """The current image's embedding (1, 256, S/16, S/16) (SAM 2: its ``Sam2ImageFeatures``)."""
         self._require_image()
         return self.features
 
@@ -132,13 +128,15 @@ class SamPredictor:
         """Prompts already in the model input frame: coords (B, T, 2), labels (B, T), boxes (B, 4),
         mask_input (B, 1, S/4, S/4). Returns masks (B, C, H, W), scores (B, C), low-res (B, C, S/4, S/4)."""
         self._require_image()
-        sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
-        low_res, scores = self.model.mask_decoder(
-            self.features, self.model.prompt_encoder.get_dense_pe(), sparse, dense, multimask_output
+        all_masks, all_scores = self.model.decode_masks(
+            self.features, points=points, boxes=boxes, mask_inputs=mask_input
         )
+        low_res, scores = self.model.mask_decoder.select_outputs(all_masks, all_scores, multimask_output)
         masks = self.model.postprocess_masks(low_res, self.input_size, self.original_size)
         if not return_logits:
             masks = masks > self.model.mask_threshold
+        if self.model.low_res_clamp is not None:
+            low_res = low_res.clamp(-self.model.low_res_clamp, self.model.low_res_clamp)
         return masks, scores, low_res
 
     def _require_image(self) -> None:
@@ -171,7 +169,7 @@ class SamPredictor:
                 f"got {np.unique(labels).tolist()}"
             )
         self._check_inside(coords[labels != -1], "point_coords")
-        coords = scale_coords(coords, self.original_size, self.model.image_size)
+        coords = self.model.transform_coords(coords, self.original_size)
         return (
             torch.as_tensor(coords, dtype=torch.float32, device=self.device),
             torch.as_tensor(labels, dtype=torch.int64, device=self.device),
@@ -190,7 +188,7 @@ class SamPredictor:
                 f"boxes must be x1, y1, x2, y2 with x2 >= x1 and y2 >= y1, got {boxes.tolist()[:4]}"
             )
         self._check_inside(boxes.reshape(-1, 2, 2), "box corners")
-        boxes = scale_boxes(boxes, self.original_size, self.model.image_size)
+        boxes = self.model.transform_coords(boxes.reshape(-1, 2, 2), self.original_size).reshape(boxes.shape)
         return torch.as_tensor(boxes, dtype=torch.float32, device=self.device)
 
     def _masks_to_torch(self, mask_input) -> torch.Tensor | None:

@@ -22,11 +22,14 @@ from samtrain.models.sam.mask_decoder import MaskDecoder
 from samtrain.models.sam.model import Sam
 from samtrain.models.sam.prompt_encoder import PromptEncoder
 from samtrain.models.sam.transformer import TwoWayTransformer
+from samtrain.models.sam2.build import SAM2_VARIANTS, build_sam2
+from samtrain.models.sam2.checkpoint import export_sam2_checkpoint
+from samtrain.models.sam2.model import Sam2
 
 log = logging.getLogger(__name__)
 
 PROMPT_EMBED_DIM = 256
-SAM_VARIANTS = tuple(ENCODER_SPECS)
+SAM_VARIANTS = tuple(ENCODER_SPECS)  # SAM 1; SAM2_VARIANTS (samtrain.models.sam2.build) build a Sam2
 
 
 def build_sam(
@@ -38,8 +41,10 @@ def build_sam(
     encoder_init: str | Path | None = None,
     strict: bool = True,
     lora: dict | None = None,
-) -> Sam:
-    """A SAM model of the given variant (vit_t | vit_b | vit_l | vit_h) at image_size.
+) -> Sam | Sam2:
+    """A SAM model of the given variant (vit_t | vit_b | vit_l | vit_h) at image_size; a SAM 2.1
+    variant (sam2.1_hiera_t | s | b+ | l, nano sam2.1_hiera_n) builds a Sam2 (see
+    ``samtrain.models.sam2.build.build_sam2``; encoder_init is SAM's only).
 
     ``checkpoint`` may be an official ``sam_vit_*.pth``, an export of samtrain (``.pth`` or
     ``.safetensors``) or a Lightning checkpoint; weights made at another image size are resampled.
@@ -48,6 +53,14 @@ def build_sam(
     ``lora`` (``{rank, alpha, targets, dropout}``, see ``samtrain.models.lora.add_lora``) adds LoRA
     layers to the encoder after the weights are loaded and freezes the encoder's other parameters.
     """
+    if variant in SAM2_VARIANTS:
+        if encoder_init is not None:
+            raise ValueError(
+                f"encoder_init (MAE weights for a ViT) does not apply to the SAM 2 variant {variant!r}"
+            )
+        return build_sam2(
+            variant, image_size, checkpoint, drop_path_rate=drop_path_rate, strict=strict, lora=lora
+        )
     grid = image_size // PATCH_SIZE
     model = Sam(
         image_encoder=build_image_encoder(variant, image_size=image_size, drop_path_rate=drop_path_rate),
@@ -78,14 +91,22 @@ def build_sam(
     return model
 
 
-def export_sam_checkpoint(model: nn.Module, path: str | Path, *, image_size: int | None = None) -> Path:
+def export_sam_checkpoint(
+    model: nn.Module, path: str | Path, *, image_size: int | None = None, original: str | Path | None = None
+) -> Path:
     """Write the model's weights in the official SAM layout; safetensors when the suffix says so.
     LoRA layers are written merged into their base weights (the model itself is left as it is).
+    A Sam2 is written in the official SAM 2 layout, into ``original`` (an official checkpoint whose
+    other keys are kept bit for bit) when given: ``samtrain.models.sam2.checkpoint.export_sam2_checkpoint``.
 
     image_size: the input size the file is made for, its position embedding and relative position
     tables resampled to it (None: the model's own). The official ``sam_model_registry`` builds at
     1024 px, so a model trained at another size loads there strictly with ``image_size=1024``.
     """
+    if isinstance(model, Sam2):
+        return export_sam2_checkpoint(model, path, original=original)
+    if original is not None:
+        raise ValueError("original= applies to SAM 2 models only: a SAM checkpoint has no parts a Sam lacks")
     state = merge_lora_state({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
     if image_size is not None and image_size != model.image_size:
         if getattr(model, "variant", None) is None:

@@ -34,6 +34,7 @@ class LoadReport:
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     resampled: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)  # parts the model lacks (SAM 2 video memory)
 
     def __str__(self) -> str:
         lines = [f"{self.path}: loaded {self.loaded} tensors"]
@@ -41,6 +42,7 @@ class LoadReport:
             ("resampled", self.resampled),
             ("missing", self.missing),
             ("unexpected", self.unexpected),
+            ("ignored (video memory)", self.ignored),
         ):
             if keys:
                 lines.append(key_list_line(name, keys))

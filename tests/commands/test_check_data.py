@@ -111,4 +111,3 @@ def test_an_unexpected_exception_during_the_walk_means_could_not_check(tmp_path,
     assert status == check_data.COULD_NOT_CHECK == 2
     assert "could not check sa1b: MemoryError: cannot allocate 3 GiB for the mask stack" in out
     assert "error(s)" not in out and "no errors" not in out
-

@@ -108,9 +108,7 @@ def test_slurm_requeue_resumes_without_validating_again_and_refuses_a_bad_file(
     truncated.unlink()
     validations = []
     validate = train_module.validation_metrics
-    monkeypatch.setattr(
-        train_module, "validation_metrics", lambda *a: validations.append(1) or validate(*a)
-    )
+    monkeypatch.setattr(train_module, "validation_metrics", lambda *a: validations.append(1) or validate(*a))
     cfg = tiny_cfg("trainer.max_steps=2", "trainer.max_epochs=2", "export=false")
     with caplog.at_level(logging.INFO):
         train(cfg)  # validate_before=true, as by default

@@ -131,6 +131,9 @@ def test_resume_never_unpickles_objects(tiny_cfg, tmp_path, monkeypatch):
     tampered = tmp_path / "tampered.ckpt"
     torch.save({"global_step": 2, "payload": Tripwire()}, tampered)
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # torch.load's default would unpickle
-    with pytest.raises(UnreadableCheckpointError, match=re.escape(str(tampered)) + ": it holds a Python object.*test_train.trip"):
+    with pytest.raises(
+        UnreadableCheckpointError,
+        match=re.escape(str(tampered)) + ": it holds a Python object.*test_train.trip",
+    ):
         train(tiny_cfg(f"ckpt_path={tampered}"))
     assert not Tripwire.tripped

@@ -220,7 +220,9 @@ def test_validation_scores_each_dataset_under_its_name(tmp_path):
     )
     trainer.validate(module, datamodule=datamodule, verbose=False)
     logged = trainer.callback_metrics
-    assert {"val/resized_mIoU@1", "val/sample/resized_mIoU@1", "val/train_half/resized_mIoU@1"} <= set(logged), sorted(logged)
+    assert {"val/resized_mIoU@1", "val/sample/resized_mIoU@1", "val/train_half/resized_mIoU@1"} <= set(
+        logged
+    ), sorted(logged)
 
 
 @pytest.mark.slow

@@ -100,7 +100,11 @@ def test_metric_curves_records_itself_without_a_csv_logger():
         log_every_n_steps=1,
         sanity_checking=False,
         global_step=3,
-        callback_metrics={"train/loss": torch.tensor(0.5), "val/resized_mIoU@1": torch.tensor(0.25), "lr": 1.0},
+        callback_metrics={
+            "train/loss": torch.tensor(0.5),
+            "val/resized_mIoU@1": torch.tensor(0.25),
+            "lr": 1.0,
+        },
     )
     callback = MetricCurves()
     callback.on_train_batch_end(trainer, None, None, None, 0)
@@ -117,7 +121,10 @@ def test_the_package_exports_every_public_name():
 
 @pytest.mark.parametrize(
     ("overrides", "monitor", "mode"),
-    [((), "val/resized_mIoU@1", "max"), (("optimized_metric=val/resized_NoC@90", "optimized_mode=min"), "val/resized_NoC@90", "min")],
+    [
+        ((), "val/resized_mIoU@1", "max"),
+        (("optimized_metric=val/resized_NoC@90", "optimized_mode=min"), "val/resized_NoC@90", "min"),
+    ],
 )
 def test_the_checkpoint_follows_the_optimized_metric(tiny_cfg, overrides, monitor, mode):
     checkpoint = hydra.utils.instantiate(tiny_cfg(*overrides).callbacks.model_checkpoint)

@@ -39,16 +39,39 @@ class OutputUpscaling(nn.Sequential):
             activation(),
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, skips: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
         """x (N, h, w, C) channels-last -> (N, h, w, 2, 2, 2, 2, C / 8): output pixel
-        (4i + 2a + c, 4j + 2b + d) of the official (N, C / 8, 4h, 4w) is [n, i, j, a, b, c, d]."""
+        (4i + 2a + c, 4j + 2b + d) of the official (N, C / 8, 4h, 4w) is [n, i, j, a, b, c, d].
+
+        skips: SAM 2's high-resolution features, added after each transposed convolution (before
+        the norm, before the last activation), in block layout: (N, h, w, 2, 2, C / 4) and
+        (N, h, w, 2, 2, 2, 2, C / 8) (:meth:`image_to_blocks`); N or 1 images.
+        """
         up1, norm, act1, up2, act2 = self
         n, h, w, _ = x.shape
         x = F.linear(x, *_deconv2x2_as_linear(up1))  # (N, h, w, 2 * 2 * C/4), (a, b, channel)
-        c1 = up1.weight.shape[1]
-        x = act1(F.layer_norm(x.view(n, h, w, 2, 2, c1), (c1,), norm.weight, norm.bias, norm.eps))
-        x = act2(F.linear(x, *_deconv2x2_as_linear(up2)))  # (N, h, w, 2, 2, 2 * 2 * C/8)
-        return x.view(n, h, w, 2, 2, 2, 2, up2.weight.shape[1])
+        c1, c2 = up1.weight.shape[1], up2.weight.shape[1]
+        x = x.view(n, h, w, 2, 2, c1)
+        if skips is not None:
+            x = x + skips[0]
+        x = act1(F.layer_norm(x, (c1,), norm.weight, norm.bias, norm.eps))
+        x = F.linear(x, *_deconv2x2_as_linear(up2)).view(n, h, w, 2, 2, 2, 2, c2)
+        if skips is not None:
+            x = x + skips[1]
+        return act2(x)
+
+    @staticmethod
+    def image_to_blocks(x: torch.Tensor, levels: int) -> torch.Tensor:
+        """(N, C, 2^k h, 2^k w) -> channels-last blocks (N, h, w, 2, 2, ..., C) for k = levels (1 or 2),
+        the layout of :meth:`forward`'s intermediate outputs; the inverse of :meth:`blocks_to_image`."""
+        n, c, hh, ww = x.shape
+        f = 2**levels
+        h, w = hh // f, ww // f
+        if levels == 1:
+            return x.view(n, c, h, 2, w, 2).permute(0, 2, 4, 3, 5, 1).contiguous()
+        return x.view(n, c, h, 2, 2, w, 2, 2).permute(0, 2, 5, 3, 6, 4, 7, 1).contiguous()
 
     @staticmethod
     def blocks_to_image(x: torch.Tensor) -> torch.Tensor:
@@ -124,6 +147,12 @@ class MaskDecoder(nn.Module):
         masks, iou_pred = self.predict_masks(
             image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, image_indices
         )
+        return self.select_outputs(masks, iou_pred, multimask_output)
+
+    def select_outputs(
+        self, masks: torch.Tensor, iou_pred: torch.Tensor, multimask_output: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """All outputs (N, 4, H, W), (N, 4) -> the multimask outputs 1: or the single output 0."""
         outputs = slice(1, None) if multimask_output else slice(0, 1)
         return masks[:, outputs], iou_pred[:, outputs]
 

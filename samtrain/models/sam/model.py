@@ -4,10 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from samtrain.frame import PIXEL_MEAN, PIXEL_STD, logits_at_original_size, pad_to_square
+from samtrain.frame import (
+    PIXEL_MEAN,
+    PIXEL_STD,
+    logits_at_original_size,
+    pad_to_square,
+    resize_longest_side,
+    scale_coords,
+)
 from samtrain.models.sam.mask_decoder import DecoderImage, MaskDecoder
 from samtrain.models.sam.prompt_encoder import PromptEncoder
 
@@ -15,6 +23,7 @@ from samtrain.models.sam.prompt_encoder import PromptEncoder
 class Sam(nn.Module):
     mask_threshold: float = 0.0
     image_format: str = "RGB"
+    low_res_clamp: float | None = None  # the predictor's low-res logits are returned as they are
 
     def __init__(
         self,
@@ -56,6 +65,24 @@ class Sam(nn.Module):
         for module in self.compiled_parts().values():
             module.compile(**options)
         self.compiled = True
+
+    def transform_image(self, image: np.ndarray) -> torch.Tensor:
+        """(H, W, 3) uint8 RGB -> (1, 3, h, w) uint8 on the model's device, the longest side resized
+        to S (PIL bilinear, as the official ``ResizeLongestSide``)."""
+        resized = np.array(resize_longest_side(np.ascontiguousarray(image), self.image_size))
+        return torch.as_tensor(resized, device=self.device).permute(2, 0, 1).unsqueeze(0)
+
+    def transformed_input_size(self, image: torch.Tensor, original_size: tuple[int, int]) -> tuple[int, int]:
+        """The (h, w) a transformed image (1, 3, h, w) takes in the model input; its longest side must be S."""
+        if image.ndim != 4 or image.shape[1] != 3 or max(image.shape[2:]) != self.image_size:
+            raise ValueError(
+                f"expected a (1, 3, h, w) image with longest side {self.image_size}, got {tuple(image.shape)}"
+            )
+        return int(image.shape[-2]), int(image.shape[-1])
+
+    def transform_coords(self, coords: np.ndarray, original_size: tuple[int, int]) -> np.ndarray:
+        """(..., 2) pixel (x, y) in the original image -> the model input frame."""
+        return scale_coords(coords, original_size, self.image_size)
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         """Resized 0-255 RGB (B, 3, h, w) -> normalised and zero-padded (B, 3, S, S)."""
