@@ -1,6 +1,8 @@
 """``samtrain export CKPT --format official|safetensors|onnx|hf --out PATH``.
 
-- ``official``: a ``.pth`` in the official key layout (``segment_anything`` loads it strictly);
+- ``official``: a ``.pth`` in the official key layout (``segment_anything`` loads it strictly); a
+  SAM 2.1 model is written in sam2's layout, into ``--original`` (its official checkpoint, every
+  video-memory key kept bit for bit, so ``build_sam2`` loads it strictly) when given;
 - ``safetensors``: the same tensors as safetensors;
 - ``onnx``: ``PATH`` a folder with ``encoder.onnx`` (image -> embeddings) and ``decoder.onnx``
   (the official ONNX interface: prompt encoder + mask decoder), see :mod:`samtrain.inference.onnx`;
@@ -18,7 +20,7 @@ from pathlib import Path
 from samtrain.commands.loading import add_model_arguments, load_model
 from samtrain.inference.hf import save_hf_directory
 from samtrain.inference.onnx import export_onnx
-from samtrain.models import export_sam_checkpoint
+from samtrain.models import Sam2, export_sam_checkpoint
 
 FORMATS = ("official", "safetensors", "onnx", "hf")
 
@@ -34,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="official/safetensors: the input size the file is made for (1024 for segment_anything)",
     )
+    parser.add_argument(
+        "--original",
+        help="official/safetensors, SAM 2.1: the official sam2.1_hiera_*.pt to write the image parts into",
+    )
     return parser
 
 
@@ -43,10 +49,12 @@ def export(args: argparse.Namespace) -> Path:
     model = load_model(args)
     out = Path(args.out)
     if args.format in ("official", "safetensors"):
-        suffix = ".pth" if args.format == "official" else ".safetensors"
-        if out.suffix != suffix:
-            raise ValueError(f"--format {args.format} writes a {suffix} file, got --out {out}")
-        return export_sam_checkpoint(model, out, image_size=args.export_image_size)
+        suffixes = (".pth", ".pt") if args.format == "official" else (".safetensors",)
+        if out.suffix not in suffixes:
+            raise ValueError(f"--format {args.format} writes a {' or '.join(suffixes)} file, got --out {out}")
+        return export_sam_checkpoint(model, out, image_size=args.export_image_size, original=args.original)
+    if isinstance(model, Sam2):
+        raise ValueError(f"--format {args.format}: SAM 2.1 models export as official or safetensors only")
     if args.format == "onnx":
         export_onnx(model, out, opset=args.opset)  # needs the onnx extra
         return out

@@ -7,26 +7,33 @@ from pathlib import Path
 
 import torch
 
-from samtrain.models import SAM_VARIANTS, build_sam
+from samtrain.models import SAM2_VARIANTS, SAM_VARIANTS, build_sam
 from samtrain.models.checkpoint import official_to_samtrain, read_checkpoint_state
 from samtrain.models.sam.image_encoder import ENCODER_SPECS
+from samtrain.models.sam2.build import HIERA_SPECS
+
+HIERA_PATCH_EMBED = "image_encoder.trunk.patch_embed.proj.weight"
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "checkpoint",
-        help="official sam_vit_*.pth, a samtrain export (.pth/.safetensors), a Lightning .ckpt, "
-        "or a Hugging Face SamModel directory",
+        help="official sam_vit_*.pth or sam2.1_hiera_*.pt, a samtrain export (.pth/.safetensors), "
+        "a Lightning .ckpt, or a Hugging Face SamModel directory",
     )
     parser.add_argument(
-        "--variant", choices=SAM_VARIANTS, help="the model variant (default: read from the checkpoint)"
+        "--variant",
+        choices=(*SAM_VARIANTS, *SAM2_VARIANTS),
+        help="the model variant (default: read from the checkpoint)",
     )
     parser.add_argument("--image-size", type=int, default=1024, help="model input size in px (default 1024)")
     parser.add_argument("--device", help="cuda, cpu, ... (default: cuda when there is a GPU)")
 
 
 def variant_of(state: dict[str, torch.Tensor], path: str | Path) -> str:
-    """The variant whose encoder width and depth the checkpoint's tensors have."""
+    """The variant whose encoder width and depth the checkpoint's tensors have (SAM or SAM 2.1)."""
+    if HIERA_PATCH_EMBED in state:
+        return hiera_variant_of(state, path)
     state = official_to_samtrain(state)
     weight = state.get("image_encoder.patch_embed.proj.weight")
     if weight is None:
@@ -38,6 +45,19 @@ def variant_of(state: dict[str, torch.Tensor], path: str | Path) -> str:
     raise ValueError(
         f"checkpoint {path}: an encoder of width {weight.shape[0]} and depth {depth} is none of "
         f"{', '.join(SAM_VARIANTS)}; pass --variant"
+    )
+
+
+def hiera_variant_of(state: dict[str, torch.Tensor], path: str | Path) -> str:
+    """The SAM 2.1 variant whose Hiera trunk has the checkpoint's width and number of blocks."""
+    width = state[HIERA_PATCH_EMBED].shape[0]
+    depth = len({k.split(".")[3] for k in state if k.startswith("image_encoder.trunk.blocks.")})
+    for name, spec in HIERA_SPECS.items():
+        if spec.embed_dim == width and sum(spec.stages) == depth:
+            return name
+    raise ValueError(
+        f"checkpoint {path}: a Hiera trunk of width {width} and {depth} blocks is none of "
+        f"{', '.join(SAM2_VARIANTS)}; pass --variant"
     )
 
 

@@ -141,7 +141,9 @@ def validation_metrics(trainer: pl.Trainer, module, datamodule) -> dict[str, flo
         folder = getattr(trainer.checkpoint_callback, "dirpath", None) or trainer.default_root_dir
         ckpt_path = str(Path(folder) / "last.ckpt")
         trainer.save_checkpoint(ckpt_path)
-    results = trainer.validate(module, datamodule=datamodule, verbose=False, ckpt_path=ckpt_path, weights_only=True)
+    results = trainer.validate(
+        module, datamodule=datamodule, verbose=False, ckpt_path=ckpt_path, weights_only=True
+    )
     return scalar_metrics(results[0]) if results else {}
 
 

@@ -24,7 +24,7 @@ class PerPassBackward:
         self.params = [p for p in params if p.requires_grad]
         self.prepared = [t for t in image.tensors() if t.requires_grad]
         leaves = [t.detach().requires_grad_(t.requires_grad) for t in image.tensors()]
-        self.image = DecoderImage.from_tensors(leaves)
+        self.image = type(image).from_tensors(leaves)
         self.inputs = self.params + [t for t in leaves if t.requires_grad]
         self.sums = [torch.zeros_like(t) for t in self.inputs]
         self.weight = weight

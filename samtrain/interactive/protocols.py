@@ -29,11 +29,7 @@ import numpy as np
 import torch
 
 from samtrain.frame import (
-    logits_at_original_size,
     masks_in_frame,
-    resize_longest_side,
-    scale_boxes,
-    scale_coords,
     valid_regions,
 )
 from samtrain.interactive.losses import binary_iou
@@ -363,11 +359,15 @@ def masks_iou(pred: torch.Tensor, gt: torch.Tensor, ignore: torch.Tensor | None 
 
 
 class ImagePrompts:
-    """A SAM model on one embedded image, prompted in the original image's pixels.
+    """A SAM or SAM 2 model on one embedded image, prompted in the original image's pixels.
+
+    The model's own frame maps the original image to its input and back (``transform_coords``,
+    ``postprocess_masks``, ``low_res_clamp``: SAM's resize of the longest side with padding, SAM 2's
+    square resize), as the predictor does.
 
     Args:
-        model: ``Sam`` (anything with ``image_size``, ``decode_masks`` and ``postprocess_masks``).
-        image_embedding: ``(1, C, h, w)``.
+        model: ``Sam`` or ``Sam2`` (anything with ``decode_masks`` and the frame methods above).
+        image_embedding: the image encoder's output for the image, batch of one.
         input_size: (h, w) of the resized image inside the model's input.
         original_size: (H, W) of the image.
     """
@@ -376,7 +376,7 @@ class ImagePrompts:
         self,
         *,
         model: Any,
-        image_embedding: torch.Tensor,
+        image_embedding: Any,
         input_size: tuple[int, int],
         original_size: tuple[int, int],
     ) -> None:
@@ -386,27 +386,49 @@ class ImagePrompts:
         )
         self.input_size = tuple(int(v) for v in input_size)
         self.original_size = tuple(int(v) for v in original_size)
-        self.device = image_embedding.device
+        self.device = next(model.parameters()).device
 
     def decode(
         self, coords: np.ndarray, labels: np.ndarray, mask_inputs: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """coords ``(N, T, 2)`` pixel (x, y) in the original image, labels ``(N, T)`` (1/0),
         mask_inputs ``(N, 1, S/4, S/4)`` or None -> low-res logits ``(N, 4, S/4, S/4)``, IoU
-        predictions ``(N, 4)`` (output 0 the single-mask output, 1: the multimask ones)."""
-        scaled = scale_coords(coords, self.original_size, self.model.image_size)
+        predictions ``(N, 4)`` (output 0 the single output, 1: the multimask ones; see
+        :meth:`as_predicted`)."""
+        scaled = self.model.transform_coords(coords, self.original_size)
         points = (
             torch.as_tensor(scaled, dtype=torch.float32, device=self.device),
             torch.as_tensor(labels, dtype=torch.int64, device=self.device),
         )
-        logits, iou_pred = self.model.decode_masks(self.image, points=points, mask_inputs=mask_inputs)
-        return logits.float(), iou_pred.float()
+        return self.as_predicted(*self.model.decode_masks(self.image, points=points, mask_inputs=mask_inputs))
+
+    def decode_boxes(self, boxes: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """boxes ``(N, 4)`` xyxy pixels of the original image -> low-res logits and IoU predictions."""
+        corners = self.model.transform_coords(
+            np.asarray(boxes, dtype=np.float64).reshape(-1, 2, 2), self.original_size
+        )
+        box_t = torch.as_tensor(corners.reshape(-1, 4), dtype=torch.float32, device=self.device)
+        return self.as_predicted(*self.model.decode_masks(self.image, boxes=box_t))
+
+    def as_predicted(
+        self, low_res: torch.Tensor, iou_pred: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every output as the model's predictor returns it: output 0 the single output the decoder
+        selects (SAM 2: the most stable, dynamic multimask via stability; a model without a
+        ``mask_decoder`` keeps output 0), the logits clamped as the predictor clamps them (and a
+        user feeds them back). (N, 4, S/4, S/4), (N, 4) -> the same shapes, float."""
+        low_res, iou_pred = low_res.float(), iou_pred.float()
+        decoder = getattr(self.model, "mask_decoder", None)
+        if decoder is not None:
+            single, single_iou = decoder.select_outputs(low_res, iou_pred, False)
+            low_res = torch.cat([single, low_res[:, 1:]], dim=1)
+            iou_pred = torch.cat([single_iou, iou_pred[:, 1:]], dim=1)
+        bound = getattr(self.model, "low_res_clamp", None)
+        return (low_res if bound is None else low_res.clamp(-bound, bound)), iou_pred
 
     def logits_at_original_size(self, low_res: torch.Tensor) -> torch.Tensor:
         """``(N, M, S/4, S/4)`` -> ``(N, M, H, W)`` float logits, as the predictor brings them there."""
-        return logits_at_original_size(
-            low_res.float(), self.model.image_size, self.input_size, self.original_size
-        )
+        return self.model.postprocess_masks(low_res.float(), self.input_size, self.original_size)
 
 
 @dataclass
@@ -527,10 +549,8 @@ def ritm_box_protocol(
     Returns:
         IoU with the ground truth ``(N,) float64`` and the IoU head's value ``(N,) float32``.
     """
-    scaled = scale_boxes(np.asarray(boxes, dtype=np.float64), prompts.original_size, prompts.model.image_size)
-    box_t = torch.as_tensor(scaled, dtype=torch.float32, device=prompts.device)
-    logits, iou_pred = prompts.model.decode_masks(prompts.image, boxes=box_t)
-    mask = prompts.logits_at_original_size(logits[:, :1].float())[:, 0].sigmoid() > threshold
+    logits, iou_pred = prompts.decode_boxes(boxes)
+    mask = prompts.logits_at_original_size(logits[:, :1])[:, 0].sigmoid() > threshold
     gt = gt_masks.to(prompts.device).bool()
     return masks_iou(mask, gt).cpu().numpy(), iou_pred[:, 0].float().cpu().numpy()
 
@@ -547,14 +567,15 @@ def original_boxes(masks: np.ndarray) -> np.ndarray:
 
 
 def embed_image(model: Any, image: np.ndarray) -> ImagePrompts:
-    """Resize ``(H, W, 3) uint8`` RGB as the predictor does, run the image encoder once and return
-    the prompts on it. The model's device is used."""
-    resized = resize_longest_side(np.ascontiguousarray(image), model.image_size)
-    device = next(model.parameters()).device
-    tensor = torch.as_tensor(np.array(resized), device=device).permute(2, 0, 1)[None].float()
+    """Bring ``(H, W, 3) uint8`` RGB into the model's frame as its predictor does, run the image
+    encoder once and return the prompts on it. The model's device is used."""
+    tensor = model.transform_image(np.ascontiguousarray(image)).float()
     embedding = model.image_encoder(model.preprocess(tensor))
     return ImagePrompts(
-        model=model, image_embedding=embedding, input_size=resized.shape[:2], original_size=image.shape[:2]
+        model=model,
+        image_embedding=embedding,
+        input_size=model.transformed_input_size(tensor, image.shape[:2]),
+        original_size=image.shape[:2],
     )
 
 

@@ -110,7 +110,9 @@ def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu") -> 
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:
         # `from None`: torch's own message advises weights_only=False, which would run the file's code
-        raise UnreadableCheckpointError(f"cannot resume from {path}: {unreadable_reason(err, path)}") from None
+        raise UnreadableCheckpointError(
+            f"cannot resume from {path}: {unreadable_reason(err, path)}"
+        ) from None
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         keys = sorted(map(str, checkpoint))[:8] if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise UnreadableCheckpointError(

@@ -104,6 +104,8 @@ def export_sam_checkpoint(
     1024 px, so a model trained at another size loads there strictly with ``image_size=1024``.
     """
     if isinstance(model, Sam2):
+        if image_size not in (None, model.image_size):
+            raise ValueError(f"export at image_size={image_size}: a SAM 2.1 model exports at its own size")
         return export_sam2_checkpoint(model, path, original=original)
     if original is not None:
         raise ValueError("original= applies to SAM 2 models only: a SAM checkpoint has no parts a Sam lacks")

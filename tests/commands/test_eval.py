@@ -20,7 +20,7 @@ from samtrain.commands.eval import (
     metric_columns,
     raw_dataset,
 )
-from samtrain.models import export_sam_checkpoint
+from samtrain.models import build_sam, export_sam_checkpoint
 from samtrain.plots import plot_click_curves
 from tests.conftest import TINY, compose_config
 
@@ -239,3 +239,16 @@ def test_untrained_model_is_the_same_for_every_run(eval_cfg):
     assert list(results) == ["random", "random#2"]
     first, second = results.values()
     assert first == second
+
+
+def test_evaluate_a_sam2_checkpoint(eval_cfg, tmp_path):
+    """``samtrain eval variant=sam2.1_hiera_*``: a SAM 2.1 export goes through the same protocols (in
+    its own frame) and is loaded (its metrics are not those of the eval seed's untrained model)."""
+    torch.manual_seed(1)
+    model = build_sam("sam2.1_hiera_n", image_size=64)
+    exported = export_sam_checkpoint(model, tmp_path / "sam2.pt")
+    cfg = eval_cfg("variant=sam2.1_hiera_n", f"checkpoints=[{exported},null]")
+    runs = evaluate(cfg)["val"]
+    assert list(runs) == ["sam2.pt", "random"]
+    assert set(runs["sam2.pt"]) >= METRIC_KEYS
+    assert runs["sam2.pt"] != runs["random"]

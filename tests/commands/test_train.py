@@ -137,3 +137,18 @@ def test_resume_never_unpickles_objects(tiny_cfg, tmp_path, monkeypatch):
     ):
         train(tiny_cfg(f"ckpt_path={tampered}"))
     assert not Tripwire.tripped
+
+
+def test_sam2_short_run_trains_with_sam2s_recipe(tiny_cfg, tmp_path):
+    """The nano SAM 2.1 with SAM 2.1's recipe (model=sam2_hiera_n prompts=sam2): the object-score
+    loss is logged, and the export is a SAM 2 image-only file holding the trained weights."""
+    cfg = tiny_cfg("model=sam2_hiera_n", "prompts=sam2", "prompts.num_click_passes=2")
+    assert cfg.model.loss.object_score == 1.0 and cfg.model.layer_decay_module == "image_encoder.trunk"
+    metrics = train(cfg)
+    assert "val/resized_mIoU@1" in metrics
+    header = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "train/object_score" in header
+    exported = build_sam("sam2.1_hiera_n", image_size=64, checkpoint=tmp_path / "official.pth")
+    trained = build_sam("sam2.1_hiera_n", image_size=64, checkpoint=tmp_path / "checkpoints" / "last.ckpt")
+    for (name, a), b in zip(exported.state_dict().items(), trained.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name  # the export holds the trained weights

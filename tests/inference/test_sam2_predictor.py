@@ -100,3 +100,37 @@ def test_logits_match(predictors):
     want, _, _ = theirs.predict(**PROMPTS["points"], return_logits=True)
     got, _, _ = mine.predict(**PROMPTS["points"], return_logits=True)
     np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
+
+
+def test_ritm_protocol_on_a_sam2_matches_the_official_predictor(predictors):
+    """samtrain's click protocol on a Sam2 (its square frame, its low-res clamp fed back) and the
+    official SAM2ImagePredictor driven through the test's reference protocol give the same clicks and
+    IoUs per click (to 1e-5) on the fixture's 90 x 150 image."""
+    from samtrain.interactive.protocols import evaluate_sample
+    from tests.interactive.test_protocols import objects_for, reference_protocol
+
+    theirs, mine = predictors
+    hw, clicks = (90, 150), 4
+    image = np.zeros((*hw, 3), dtype=np.uint8)
+    image[20:70, 40:110] = (250, 30, 30)
+    gt = objects_for(hw)
+    theirs.set_image(image)
+    result = evaluate_sample(mine.model, image, gt, max_clicks=clicks)
+
+    def official_predict(t, coords, labels, mask_input, multimask):
+        return theirs.predict(
+            point_coords=coords.astype(np.float64),
+            point_labels=labels,
+            mask_input=mask_input,
+            multimask_output=multimask,
+            return_logits=True,
+        )
+
+    for i in range(len(gt)):
+        ref_clicks, ref_ious = reference_protocol(official_predict, gt[i], clicks)
+        ours = [
+            ((int(x), int(y)), int(lab))
+            for (x, y), lab in zip(result.clicks.coords[i], result.clicks.labels[i], strict=True)
+        ]
+        assert ours == [((int(x), int(y)), lab) for (x, y), lab in ref_clicks], i
+        np.testing.assert_allclose(result.clicks.ious[i], ref_ious, atol=1e-5)

@@ -4,7 +4,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from samtrain.frame import masks_in_frame, valid_regions
+from samtrain.frame import (
+    logits_at_original_size,
+    masks_in_frame,
+    resize_longest_side,
+    scale_coords,
+    valid_regions,
+)
 from samtrain.interactive.losses import binary_iou
 from samtrain.interactive.metrics import number_of_clicks
 from samtrain.interactive.protocols import (
@@ -461,6 +467,18 @@ class ScriptedSam(nn.Module):
 
     def preprocess(self, x):
         return F.pad(x, (0, S - x.shape[-1], 0, S - x.shape[-2]))
+
+    def transform_image(self, image):  # SAM's frame
+        return torch.from_numpy(np.array(resize_longest_side(image, S))).permute(2, 0, 1)[None]
+
+    def transformed_input_size(self, image, original_size):
+        return tuple(image.shape[-2:])
+
+    def transform_coords(self, coords, original_size):
+        return scale_coords(coords, original_size, S)
+
+    def postprocess_masks(self, masks, input_size, original_size):
+        return logits_at_original_size(masks, S, input_size, original_size)
 
     def image_encoder(self, x):
         return torch.zeros(x.shape[0], 256, S // 16, S // 16)

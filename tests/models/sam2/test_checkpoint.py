@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from samtrain.commands import cli
 from samtrain.models import build_sam, export_sam_checkpoint
 from samtrain.models.sam2.checkpoint import (
     load_sam2_checkpoint,
@@ -166,3 +167,19 @@ def test_video_inference_runs_on_the_export(setup, tmp_path):
         outputs = list(video.propagate_in_video(state))
     assert [frame for frame, _, _ in outputs] == [0, 1]
     assert all(masks.shape == (1, 1, 48, 64) for _, _, masks in outputs)
+
+
+def test_export_command_writes_into_the_original_and_reads_the_variant(setup, tmp_path):
+    """``samtrain export CKPT --format official --original ORIG``: the variant is read from the
+    checkpoint's Hiera trunk, and the file is the same as the API's export into the original."""
+    _, path, ours, _ = setup
+    finetuned = export_sam_checkpoint(ours, tmp_path / "image_only.pt")
+    out = tmp_path / "cli.pt"
+    argv = ["export", str(finetuned), "--image-size", str(IMAGE_SIZE), "--format", "official"]
+    assert cli.main([*argv, "--original", str(path), "--out", str(out)]) == 0
+    expected = torch.load(export_sam_checkpoint(ours, tmp_path / "api.pt", original=path), weights_only=True)
+    written = torch.load(out, weights_only=True)
+    assert list(written["model"]) == list(expected["model"])
+    assert all(torch.equal(written["model"][k], v) for k, v in expected["model"].items())
+    onnx = ["export", str(finetuned), "--image-size", str(IMAGE_SIZE), "--format", "onnx"]
+    assert cli.main([*onnx, "--out", str(tmp_path / "onnx")]) == 2  # official or safetensors only
