@@ -119,7 +119,9 @@ def tiny_mae_encoder(path: Path) -> Path:
 
 @pytest.mark.parametrize("option", options("experiment"))
 def test_experiment_options(tiny_cfg, option, tmp_path):
-    overrides = [f"experiment={option}", "model.net.image_size=64", "model.net.variant=vit_t"]
+    sam2 = tiny_cfg(f"experiment={option}").model.net.variant.startswith("sam2")
+    tiny_variant = "sam2.1_hiera_n" if sam2 else "vit_t"
+    overrides = [f"experiment={option}", "model.net.image_size=64", f"model.net.variant={tiny_variant}"]
     if OmegaConf.is_missing(tiny_cfg(*overrides).model.net, "encoder_init"):  # the paper's presets
         overrides.append(f"model.net.encoder_init={tiny_mae_encoder(tmp_path / 'mae_encoder.safetensors')}")
     cfg = tiny_cfg(*overrides)
