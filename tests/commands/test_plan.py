@@ -132,3 +132,9 @@ def test_planning_vit_h_at_1024_allocates_no_weights():
     (mode,) = json.loads(done.stdout)["modes"]
     assert mode["parameter_bytes"] > 2.5e9  # 641M fp32 parameters
     assert mode["masks_per_image"] == 64 and mode["peak_bytes"] > 4 * mode["parameter_bytes"]
+
+
+def test_a_sam2_is_planned_without_the_cached_mode():
+    setup = plan.read_setup(plan.compose_train_config(["model=sam2_hiera_n", "prompts=sam2", *TINY]))
+    names = [m.name for m in plan.MODES if plan.allowed(setup, m)]
+    assert "cached embeddings + per-pass" not in names and "plain" in names

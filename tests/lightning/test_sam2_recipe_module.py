@@ -99,3 +99,13 @@ def test_sam2_optim_on_a_sam1_model_names_the_missing_trunk(tiny_cfg):
     module = hydra.utils.instantiate(tiny_cfg("model/optim=sam2", "model.scheduler=null").model)
     with pytest.raises(ValueError, match=r"layer_decay_module 'image_encoder\.trunk'"):
         module.configure_optimizers()
+
+
+def test_cached_embeddings_refuse_a_sam2():
+    """The cache holds SAM's one embedding per image; SAM 2.1's three levels are refused by name."""
+    from samtrain.lightning.callbacks.embedding_cache import check_frozen_encoder
+    from samtrain.models import build_sam
+
+    net = build_sam("sam2.1_hiera_n", image_size=64).requires_grad_(False)
+    with pytest.raises(ValueError, match=r"SAM 2\.1's three feature levels"):
+        check_frozen_encoder(net)
