@@ -5,6 +5,8 @@ An image of (H, W) enters a model of input size S resized so its longest side is
 and zero-padded right and bottom to S x S. The unpadded (h, w) is its *valid region*. Points and
 boxes scale with the image. The decoder's low-res logits (S/4 x S/4) come back by bilinear
 upsampling to S, cropping the padding and, for the original image, resizing to (H, W).
+SAM 2.1's frame is a square resize instead (:func:`resize_to_square`): the image fills S x S with
+its aspect ratio not kept, and the valid region is all of it.
 """
 
 from __future__ import annotations
@@ -29,6 +31,14 @@ def resize_longest_side(image: np.ndarray, long_side: int) -> np.ndarray:
     """(H, W, 3) uint8 -> (h, w, 3) uint8 with the longest side long_side (PIL bilinear, as SAM)."""
     h, w = resized_shape(image.shape[0], image.shape[1], long_side)
     return np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+
+
+def resize_to_square(image: np.ndarray, size: int) -> np.ndarray:
+    """SAM 2's input resize: uint8 (H, W, 3) -> float32 (size, size, 3) 0-255, bilinear and
+    antialiased on the float image, the aspect ratio not kept (as ``Sam2.preprocess`` resizes)."""
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+    x = F.interpolate(x, (size, size), mode="bilinear", antialias=True)
+    return x[0].permute(1, 2, 0).numpy()
 
 
 def scale_coords(coords: np.ndarray, original_size: tuple[int, int], long_side: int) -> np.ndarray:

@@ -26,7 +26,7 @@ import albumentations as A
 
 from samtrain import distributed
 from samtrain.data.rle import RleMasks
-from samtrain.frame import PIXEL_MEAN, PIXEL_STD, resize_longest_side, resized_shape
+from samtrain.frame import PIXEL_MEAN, PIXEL_STD, resize_longest_side, resize_to_square, resized_shape
 
 
 def nearest_indices(src: int, dst: int, start: int, length: int) -> np.ndarray:
@@ -36,9 +36,14 @@ def nearest_indices(src: int, dst: int, start: int, length: int) -> np.ndarray:
     return np.minimum(centres.astype(np.int64), src - 1)
 
 
+FRAMES = ("sam", "square")
+
+
 class SamResizeCrop(A.DualTransform):
     """Resize the longest side to ``image_size`` (times a random factor when ``scale_range`` is set:
-    large-scale jitter), then crop a random window of at most ``image_size x image_size``.
+    large-scale jitter), then crop a random window of at most ``image_size x image_size``. With
+    ``square`` (SAM 2.1's frame) both sides are resized to ``image_size`` (times the factor), the
+    aspect ratio not kept, and the predictor's resize is :func:`samtrain.frame.resize_to_square`.
 
     Without ``scale_range`` the output size is SAM's (``int(x * scale + 0.5)``) and no crop ever
     happens. The image is resized with cv2, ``INTER_AREA`` when shrinking and ``INTER_LINEAR`` when
@@ -53,10 +58,12 @@ class SamResizeCrop(A.DualTransform):
         image_size: int,
         scale_range: tuple[float, float] | None = None,
         predictor_resize: bool = False,
+        square: bool = False,
         p: float = 1.0,
     ):
         super().__init__(p=p)
         self.image_size = int(image_size)
+        self.square = bool(square)
         self.scale_range = None if scale_range is None else (float(scale_range[0]), float(scale_range[1]))
         self.predictor_resize = bool(predictor_resize)
         if self.predictor_resize and self.scale_range is not None:
@@ -65,12 +72,15 @@ class SamResizeCrop(A.DualTransform):
             )
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:
-        return ("image_size", "scale_range", "predictor_resize")
+        return ("image_size", "scale_range", "predictor_resize", "square")
 
     def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
         height, width = params["shape"][:2]
         factor = 1.0 if self.scale_range is None else self.random_generator.uniform(*self.scale_range)
-        new_h, new_w = resized_shape(height, width, self.image_size * factor)
+        if self.square:
+            new_h = new_w = max(1, int(self.image_size * factor + 0.5))
+        else:
+            new_h, new_w = resized_shape(height, width, self.image_size * factor)
         crop_h, crop_w = min(new_h, self.image_size), min(new_w, self.image_size)
         y0 = int(self.random_generator.integers(0, new_h - crop_h + 1))
         x0 = int(self.random_generator.integers(0, new_w - crop_w + 1))
@@ -86,8 +96,14 @@ class SamResizeCrop(A.DualTransform):
 
     def _resize(self, img: np.ndarray, new_h: int, new_w: int) -> np.ndarray:
         """uint8 (H, W, C) -> (new_h, new_w, C)."""
-        if self.predictor_resize:  # (new_h, new_w) is SAM's shape for image_size: the predictor's resize
-            return resize_longest_side(img, self.image_size)
+        if (
+            self.predictor_resize
+        ):  # (new_h, new_w) is the frame's shape for image_size: the predictor's resize
+            return (
+                resize_to_square(img, self.image_size)
+                if self.square
+                else resize_longest_side(img, self.image_size)
+            )
         shrink = new_h * new_w < img.shape[0] * img.shape[1]
         return cv2.resize(img, (new_w, new_h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
 
@@ -169,6 +185,9 @@ class SamTransform:
         hflip_prob: probability of a horizontal flip.
         color_jitter: strength c of colour jitter: brightness, contrast and saturation by
             up to c, hue by up to c/4 (0 disables it).
+        frame: the model input frame the samples are made in: ``"sam"`` (the longest side resized
+            to S, zero-padded) or ``"square"`` (SAM 2.1: both sides resized to S, no padding in
+            eval; large-scale jitter scales the square).
     """
 
     def __init__(
@@ -182,8 +201,10 @@ class SamTransform:
         scale_range: Sequence[float] | None = (0.1, 2.0),
         hflip_prob: float = 0.5,
         color_jitter: float = 0.0,
+        frame: str = "sam",
     ) -> None:
         self.image_size = int(image_size)
+        self.frame = frame
         self.train = bool(train)
         self.max_masks = None if max_masks is None else int(max_masks)
         self.min_mask_area = max(int(min_mask_area), 1)
@@ -210,15 +231,18 @@ class SamTransform:
             raise ValueError(f"scale_range must be (low, high) with 0 < low <= high, got {self.scale_range}")
         if not 0.0 <= self.hflip_prob <= 1.0:
             raise ValueError(f"hflip_prob must be in [0, 1], got {self.hflip_prob}")
+        if self.frame not in FRAMES:
+            raise ValueError(f"frame must be one of {FRAMES}, got {self.frame!r}")
         if not 0.0 <= self.color_jitter <= 2.0:
             raise ValueError(f"color_jitter must be in [0, 2], got {self.color_jitter}")
 
     def _steps(self) -> list:
         """The albumentations pipeline: geometry first (resize once), then flip, colour, normalise."""
+        square = self.frame == "square"
         if not self.train:
-            steps = [SamResizeCrop(self.image_size, predictor_resize=True)]
+            steps = [SamResizeCrop(self.image_size, predictor_resize=True, square=square)]
         else:
-            steps = [SamResizeCrop(self.image_size, scale_range=self.scale_range)]
+            steps = [SamResizeCrop(self.image_size, scale_range=self.scale_range, square=square)]
             if self.hflip_prob > 0:
                 steps.append(A.HorizontalFlip(p=self.hflip_prob))
             if self.color_jitter > 0:
@@ -338,7 +362,8 @@ class SamTransform:
             f"{type(self).__name__}(image_size={self.image_size}, train={self.train}, max_masks={self.max_masks}, "
             f"min_mask_area={self.min_mask_area}, max_mask_fraction={self.max_mask_fraction}, "
             f"scale_range={self.scale_range}, hflip_prob={self.hflip_prob}, color_jitter={self.color_jitter}, "
-            f"resize={'cv2' if self.train else 'predictor'})"
+            + ("" if self.frame == "sam" else f"frame={self.frame!r}, ")  # SAM's keys stay as they were
+            + f"resize={'cv2' if self.train else 'predictor'})"
         )
 
 

@@ -106,6 +106,7 @@ class SamModule(pl.LightningModule):
         decoder_checkpointing: bool = False,
         compile: bool | dict = False,
         decoder_backward_per_pass: bool = False,
+        frame: str = "sam",
     ) -> None:
         super().__init__()
         # Plain values only, so checkpoints load with torch.load(weights_only=True).
@@ -125,6 +126,13 @@ class SamModule(pl.LightningModule):
             raise ValueError("freeze: image_encoder would freeze its LoRA layers too; LoRA freezes the rest")
         for part in self.freeze:
             getattr(self.net, part).requires_grad_(False)
+        if frame != self.net.input_frame:
+            raise ValueError(
+                f"model.frame={frame!r}, but {type(self.net).__name__} takes its input in the "
+                f"{self.net.input_frame!r} frame: set model.frame={self.net.input_frame} (the data "
+                "transforms read it; model=sam2_* sets square)"
+            )
+        self.frame = frame
         self.object_scores = self.loss_weights.wants_object_scores
         if self.object_scores and not supports_object_scores(self.net):
             raise ValueError(

@@ -257,3 +257,30 @@ def test_train_without_masks():
     transform = SamTransform(image_size=64, train=True, hflip_prob=1.0, color_jitter=0.3)
     out = transform(sample, rng=np.random.default_rng(0))
     assert out["masks"].shape == (0, 64, 64) and out["image"].shape == (3, 64, 64)
+
+
+def test_square_frame_eval_image_is_sam2s_preprocessing():
+    """frame="square" (SAM 2.1): validation sees the pixels Sam2.preprocess makes of the original
+    (both sides resized to S, antialiased bilinear), no padding; masks resized the same way."""
+    from samtrain.models import build_sam
+
+    model = build_sam("sam2.1_hiera_n", image_size=64)
+    sample = sample_with_boxes(100, 150, [(10, 60, 20, 140)], [(250, 10, 10)])
+    out = SamTransform(image_size=64, frame="square")(sample)
+    assert out["input_size"].tolist() == [64, 64]
+    expected = model.preprocess(torch.from_numpy(sample["image"]).permute(2, 0, 1)[None].float())[0]
+    torch.testing.assert_close(out["image"], expected, atol=1e-4, rtol=0)
+    mask = out["masks"][0].numpy()
+    rows, cols = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
+    assert (rows.min(), rows.max() + 1) == (round(10 * 64 / 100), round(60 * 64 / 100))  # each side its scale
+    assert (cols.min(), cols.max() + 1) == (round(20 * 64 / 150), round(140 * 64 / 150))
+
+
+def test_square_frame_train_jitter_scales_the_square():
+    sample = sample_with_boxes(72, 96, [(10, 40, 6, 30)], [(250, 10, 10)])
+    transform = SamTransform(image_size=64, train=True, scale_range=(0.1, 2.0), frame="square")
+    sizes = [transform(sample, rng=np.random.default_rng(s))["input_size"].tolist() for s in range(30)]
+    assert all(h == w for h, w in sizes)  # shrunk: a smaller square; enlarged: cropped to S x S
+    assert [64, 64] in sizes and any(max(hw) < 32 for hw in sizes)
+    with pytest.raises(ValueError, match="frame must be one of"):
+        SamTransform(image_size=64, frame="letterbox")

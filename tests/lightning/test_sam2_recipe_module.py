@@ -109,3 +109,13 @@ def test_cached_embeddings_refuse_a_sam2():
     net = build_sam("sam2.1_hiera_n", image_size=64).requires_grad_(False)
     with pytest.raises(ValueError, match=r"SAM 2\.1's three feature levels"):
         check_frozen_encoder(net)
+
+
+def test_the_module_refuses_a_frame_its_model_does_not_take():
+    from samtrain.lightning.sam_module import SamModule
+    from samtrain.models import build_sam
+
+    with pytest.raises(ValueError, match="takes its input in the 'square' frame"):
+        SamModule(net=build_sam("sam2.1_hiera_n", image_size=64), optimizer=torch.optim.AdamW, frame="sam")
+    with pytest.raises(ValueError, match="takes its input in the 'sam' frame"):
+        SamModule(net=build_sam("vit_t", image_size=64), optimizer=torch.optim.AdamW, frame="square")

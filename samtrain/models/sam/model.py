@@ -23,6 +23,7 @@ from samtrain.models.sam.prompt_encoder import PromptEncoder
 class Sam(nn.Module):
     mask_threshold: float = 0.0
     image_format: str = "RGB"
+    input_frame: str = "sam"  # the longest side resized to S, zero-padded (samtrain.frame)
     low_res_clamp: float | None = None  # the predictor's low-res logits are returned as they are
 
     def __init__(

@@ -31,6 +31,7 @@ class Sam2(nn.Module):
 
     mask_threshold: float = 0.0
     image_format: str = "RGB"
+    input_frame: str = "square"  # both sides resized to S, no padding (samtrain.frame.resize_to_square)
     low_res_clamp: float | None = 32.0  # SAM2ImagePredictor clamps the low-res logits it returns
 
     def __init__(
