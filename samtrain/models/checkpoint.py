@@ -175,13 +175,30 @@ def load_sam_checkpoint(model: nn.Module, path: str | Path, *, strict: bool = Tr
         state = merge_lora_state(state)
     report = LoadReport(path=str(path))
     report.resampled = resample_position_tensors(state, model_state)
+    return load_matching_tensors(model, state, report, strict=strict, family="SAM")
+
+
+def load_matching_tensors(
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    report: LoadReport,
+    *,
+    strict: bool,
+    family: str,
+    first_keys: list[str] | None = None,
+) -> LoadReport:
+    """Load the tensors of ``state`` (samtrain's names) whose keys the model has, filling in
+    ``report`` (missing, unexpected, loaded). ValueError naming ``report.path`` when no key matches
+    (``first_keys``: what to show of the file, default its first keys), when a tensor has another
+    shape, or, with ``strict``, when any key is missing or unexpected."""
+    path, model_state = report.path, model.state_dict()
     report.missing = sorted(set(model_state) - set(state))
     report.unexpected = sorted(set(state) - set(model_state))
     matched = [k for k in state if k in model_state]
     if not matched:
         raise ValueError(
             f"checkpoint {path} matches none of the model's {len(model_state)} keys "
-            f"(first keys in the file: {list(state)[:5]}); is it a SAM checkpoint?"
+            f"(first keys in the file: {(first_keys or list(state))[:5]}); is it a {family} checkpoint?"
         )
     mismatched = [
         f"{k}: file {tuple(state[k].shape)} vs model {tuple(model_state[k].shape)}"

@@ -14,7 +14,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from samtrain.models.checkpoint import LoadReport, read_checkpoint_state, unreadable_reason, write_state_dict
+from samtrain.models.checkpoint import (
+    LoadReport,
+    load_matching_tensors,
+    read_checkpoint_state,
+    unreadable_reason,
+    write_state_dict,
+)
 from samtrain.models.lora import LORA_SUFFIXES, merge_lora_state
 
 # (official pattern, samtrain replacement), tried in order; the first match wins.
@@ -103,29 +109,9 @@ def load_sam2_checkpoint(model: nn.Module, path: str | Path, *, strict: bool = T
     if not any(k.endswith(LORA_SUFFIXES) for k in model_state):
         state = merge_lora_state(state)
     report = LoadReport(path=str(path), ignored=video)
-    report.missing = sorted(set(model_state) - set(state))
-    report.unexpected = sorted(set(state) - set(model_state))
-    matched = [k for k in state if k in model_state]
-    if not matched:
-        raise ValueError(
-            f"checkpoint {path} matches none of the model's {len(model_state)} keys "
-            f"(first keys in the file: {video[:5] or list(state)[:5]}); is it a SAM 2 checkpoint?"
-        )
-    mismatched = [
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(model_state[k].shape)}"
-        for k in matched
-        if state[k].shape != model_state[k].shape
-    ]
-    if mismatched:
-        raise ValueError(
-            f"checkpoint {path} has tensors of the wrong shape (another variant?): "
-            + "; ".join(mismatched[:8])
-        )
-    if strict and (report.missing or report.unexpected):
-        raise ValueError(f"checkpoint {path} does not match the model strictly:\n{report}")
-    model.load_state_dict({k: state[k] for k in matched}, strict=False)
-    report.loaded = len(matched)
-    return report
+    return load_matching_tensors(
+        model, state, report, strict=strict, family="SAM 2", first_keys=video or None
+    )
 
 
 def _read_original(path: str | Path) -> dict:
