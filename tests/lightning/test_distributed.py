@@ -112,13 +112,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+SAM2 = ("model=sam2_hiera_n", "prompts=sam2", "prompts.num_click_passes=2")
+
+
 @pytest.mark.parametrize(
-    "ddp_mode", [(), ("model.decoder_backward_per_pass=true",)], ids=["plain", "per_pass"]
+    ("model", "ddp_mode"),
+    [
+        ((), ()),
+        ((), ("model.decoder_backward_per_pass=true",)),
+        (SAM2, ("model.decoder_backward_per_pass=true",)),
+    ],
+    ids=["plain", "per_pass", "sam2_per_pass"],
 )
-def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tmp_path, ddp_mode):
+def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tmp_path, model, ddp_mode):
+    """``ddp_mode`` only for the DDP run (per-pass backward gives the same gradients)."""
     single, ddp = tmp_path / "single", tmp_path / "ddp"
-    train(single, "trainer.max_steps=3", *save_weights(single))
-    train(ddp, "trainer=ddp_cpu", "trainer.max_steps=3", *ddp_mode, *save_weights(ddp))
+    train(single, *model, "trainer.max_steps=3", *save_weights(single))
+    train(ddp, *model, "trainer=ddp_cpu", "trainer.max_steps=3", *ddp_mode, *save_weights(ddp))
     assert_same_weights(weights(ddp, 0), weights(ddp, 1))  # the ranks stay in lockstep
     single_losses, ddp_losses = train_losses(single), train_losses(ddp)
     assert len(single_losses) == len(ddp_losses) == 3
