@@ -55,6 +55,7 @@ class Config:
     masks: int = 8
     repeats: int = 2
     warmup: int = 1
+    threads: int | None = None  # torch's intra-op threads (None: torch's default)
     lr: float = 1e-5
 
 
@@ -266,6 +267,11 @@ def parse_args(argv: list[str] | None = None) -> Config:
     parser.add_argument("--masks", type=int, default=8, help="masks per image")
     parser.add_argument("--repeats", type=int, default=2, help="timed rounds (each side once per round)")
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads (on a shared CPU, 1 keeps other jobs from stalling both sides)",
+    )
     a = parser.parse_args(argv)
     return Config(
         variant=a.variant,
@@ -274,11 +280,14 @@ def parse_args(argv: list[str] | None = None) -> Config:
         masks=a.masks,
         repeats=a.repeats,
         warmup=a.warmup,
+        threads=a.threads,
     )
 
 
 def main(argv: list[str] | None = None) -> Results:
     cfg = parse_args(argv)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     start = time.perf_counter()
     results = run(cfg)
     print(report(results))
