@@ -55,7 +55,7 @@ class Config:
     masks: int = 8
     repeats: int = 2
     warmup: int = 1
-    threads: int | None = None  # torch's intra-op threads (None: torch's default)
+    threads: int | None = None  # torch's intra-op threads (None: torch's default; run() records the count)
     lr: float = 1e-5
 
 
@@ -224,6 +224,7 @@ def encoder_forward(side: str, net, images: torch.Tensor) -> None:
 
 
 def run(cfg: Config) -> Results:
+    cfg.threads = torch.get_num_threads()
     recipe, weights = sam2_recipe()
     nets = dict(zip(SIDES, build_pair(cfg.variant, cfg.image_size), strict=True))
     batch = synthetic_batch(cfg.images, cfg.masks, cfg.image_size)
@@ -243,7 +244,7 @@ def report(r: Results) -> str:
     cfg = r.config
     o, s = SIDES
     lines = [
-        f"SAM 2.1 {cfg.variant} at {cfg.image_size} px, CPU, {torch.get_num_threads()} threads, "
+        f"SAM 2.1 {cfg.variant} at {cfg.image_size} px, CPU, {cfg.threads} thread(s), "
         f"{cfg.images} image(s) x {cfg.masks} masks, median of {cfg.repeats} round(s) after {cfg.warmup} warm-up",
         "",
         "| | official sam2 | samtrain | speed-up |",
@@ -286,10 +287,13 @@ def parse_args(argv: list[str] | None = None) -> Config:
 
 def main(argv: list[str] | None = None) -> Results:
     cfg = parse_args(argv)
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads or threads)
     start = time.perf_counter()
-    results = run(cfg)
+    try:
+        results = run(cfg)
+    finally:
+        torch.set_num_threads(threads)
     print(report(results))
     o, s = SIDES
     if abs(results.losses[o] - results.losses[s]) > 1e-4 * abs(results.losses[o]):

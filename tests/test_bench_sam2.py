@@ -24,9 +24,11 @@ SIZE = 64
 
 
 def test_main_prints_the_table_and_equal_first_losses(capsys):
+    threads = torch.get_num_threads()
     results = main(["--variant", "sam2.1_hiera_n", "--image-size", str(SIZE), "--images", "2", "--masks", "3",
-                    "--repeats", "1", "--warmup", "0"])  # fmt: skip
+                    "--repeats", "1", "--warmup", "0", "--threads", "1"])  # fmt: skip
     text = capsys.readouterr().out
+    assert torch.get_num_threads() == threads and "1 thread(s)" in text  # set for the run, then restored
     for row in ("encoder forward (s)", "full training step (s)"):
         line = next(line for line in text.splitlines() if line.startswith(f"| {row} |"))
         assert len(re.findall(r"\| [0-9.]+x? (?=\|)", line)) == 3  # official, samtrain, speed-up
@@ -44,9 +46,14 @@ def padded_prompts(kind: str, n: int) -> Prompts:
     return Prompts(coords=coords, labels=labels.expand(n, -1).clone(), mask_input=mask_input)
 
 
+@pytest.fixture(scope="module")
+def pair():
+    return build_pair("sam2.1_hiera_n", SIZE)
+
+
 @pytest.mark.parametrize("kind", ["point", "box"])
-def test_the_official_decoder_equals_samtrain_decode_masks(kind):
-    official, ours = build_pair("sam2.1_hiera_n", SIZE)
+def test_the_official_decoder_equals_samtrain_decode_masks(pair, kind):
+    official, ours = pair
     images = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
     image_indices = torch.tensor([1, 0, 1])  # not sorted: the official decoder restores the order
     prompts = padded_prompts(kind, 3)
