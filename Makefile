@@ -41,6 +41,7 @@ lint: $(VENV)/.installed-dev
 bench: $(VENV)/.installed-dev
 	$(PY) -m bench.run $(ARGS)
 	$(PY) -m bench.official $(OFFICIAL_ARGS)
+	$(PY) -m bench.official_sam2 --threads 1
 	$(PY) -m bench.memory
 	$(PY) -m bench.loader
 	$(PY) -m bench.cached
