@@ -413,18 +413,22 @@ class ImagePrompts:
     def as_predicted(
         self, low_res: torch.Tensor, iou_pred: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every output as the model's predictor returns it: output 0 the single output the decoder
+        """Every output as the model's predictor chooses it: output 0 the single output the decoder
         selects (SAM 2: the most stable, dynamic multimask via stability; a model without a
-        ``mask_decoder`` keeps output 0), the logits clamped as the predictor clamps them (and a
-        user feeds them back). (N, 4, S/4, S/4), (N, 4) -> the same shapes, float."""
+        ``mask_decoder`` keeps output 0). (N, 4, S/4, S/4), (N, 4) -> the same shapes, float."""
         low_res, iou_pred = low_res.float(), iou_pred.float()
         decoder = getattr(self.model, "mask_decoder", None)
         if decoder is not None:
             single, single_iou = decoder.select_outputs(low_res, iou_pred, False)
             low_res = torch.cat([single, low_res[:, 1:]], dim=1)
             iou_pred = torch.cat([single_iou, iou_pred[:, 1:]], dim=1)
+        return low_res, iou_pred
+
+    def feedback(self, low_res: torch.Tensor) -> torch.Tensor:
+        """Low-res logits as the model's predictor returns them for the next prompt (SAM 2 clamps
+        them to +-32; the masks are made from the unclamped ones, as the predictor makes them)."""
         bound = getattr(self.model, "low_res_clamp", None)
-        return (low_res if bound is None else low_res.clamp(-bound, bound)), iou_pred
+        return low_res if bound is None else low_res.clamp(-bound, bound)
 
     def logits_at_original_size(self, low_res: torch.Tensor) -> torch.Tensor:
         """``(N, M, S/4, S/4)`` -> ``(N, M, H, W)`` float logits, as the predictor brings them there."""
@@ -521,7 +525,7 @@ def ritm_click_protocol(
         pred = mask.cpu().numpy()
         if click + 1 in keep_masks_at:
             masks[click + 1] = pred
-        mask_inputs = chosen if mask_feedback else None
+        mask_inputs = prompts.feedback(chosen) if mask_feedback else None
     return ObjectClicks(
         coords=coords,
         labels=labels,

@@ -706,3 +706,21 @@ def test_ground_truth_boxes_reach_the_model_in_its_frame():
     np.testing.assert_allclose(
         tight[1], np.array([xs.min(), ys.min(), xs.max(), ys.max()]) * S / 80, rtol=1e-6
     )
+
+
+def test_a_models_low_res_clamp_reaches_the_feedback_not_the_masks():
+    """SAM 2's predictor clamps the low-res logits it returns (and a user feeds back) to +-32 but
+    makes its masks from the unclamped ones: so does the protocol. Scripted outputs ignore the mask
+    prompt, so clamping must change no IoU; with clamped masks, large logits would move boundaries."""
+    clicks, hw = 4, (45, 70)
+    gen = torch.Generator().manual_seed(5)
+    logits, iou_pred = smooth_logits(gen, clicks, 3, scale=40.0), torch.rand(clicks, 3, 4, generator=gen)
+    gt = objects_for(hw)
+    plain = run_scripted(ScriptedSam(logits, iou_pred), gt, clicks)
+    clamped_model = ScriptedSam(logits, iou_pred)
+    clamped_model.low_res_clamp = 2.0
+    clamped = run_scripted(clamped_model, gt, clicks)
+    np.testing.assert_array_equal(clamped.ious, plain.ious)
+    fed_back = [c["mask_inputs"] for c in clamped_model.calls if c["mask_inputs"] is not None]
+    assert fed_back and all(m.abs().max() <= 2.0 for m in fed_back)
+    assert logits.abs().max() > 2.0

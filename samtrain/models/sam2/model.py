@@ -85,6 +85,7 @@ class Sam2(nn.Module):
     def transform_image(self, image: np.ndarray) -> torch.Tensor:
         """(H, W, 3) uint8 RGB -> (1, 3, H, W) float 0-255 on the model's device: :meth:`preprocess`
         resizes it (resizing first would round twice)."""
+        image = np.ascontiguousarray(image)  # a BGR flip or a crop is a view torch cannot take
         return torch.as_tensor(image, device=self.device).permute(2, 0, 1).unsqueeze(0).float()
 
     def transform_coords(self, coords: np.ndarray, original_size: tuple[int, int]) -> np.ndarray:
