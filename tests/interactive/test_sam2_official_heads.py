@@ -15,6 +15,7 @@ from samtrain.interactive.simulate import (
     suppress_absent_objects,
 )
 from tests.interactive.test_sam2_losses import WEIGHTS, official_loss_module
+from tests.models.sam2.oracle import sam2_hydra
 
 SIZE = 128
 
@@ -25,13 +26,14 @@ def official_model():
     from sam2.build_sam import build_sam2
 
     torch.manual_seed(0)
-    return build_sam2(
-        "configs/sam2.1/sam2.1_hiera_t.yaml",
-        ckpt_path=None,
-        device="cpu",
-        mode="train",  # a training pass: no dynamic_multimask_via_stability on the single output
-        hydra_overrides_extra=[f"++model.image_size={SIZE}"],
-    )
+    with sam2_hydra():  # other tests may have cleared the Hydra state sam2 set up at import
+        return build_sam2(
+            "configs/sam2.1/sam2.1_hiera_t.yaml",
+            ckpt_path=None,
+            device="cpu",
+            mode="train",  # a training pass: no dynamic_multimask_via_stability on the single output
+            hydra_overrides_extra=[f"++model.image_size={SIZE}"],
+        )
 
 
 def first_frame_features(model, images: torch.Tensor):
