@@ -82,6 +82,8 @@ class SamModule(pl.LightningModule):
         decoder_backward_per_pass: backpropagate each decoder pass right after it
             (:class:`PerPassBackward`): the same gradients, with one pass's activations alive at
             a time instead of all of them, and nothing recomputed.
+        frame: the input frame the data transforms make the samples in (``model.frame``: sam |
+            square); None takes the net's own (``input_frame``); one the net does not take is refused.
     """
 
     def __init__(
@@ -106,7 +108,7 @@ class SamModule(pl.LightningModule):
         decoder_checkpointing: bool = False,
         compile: bool | dict = False,
         decoder_backward_per_pass: bool = False,
-        frame: str = "sam",
+        frame: str | None = None,
     ) -> None:
         super().__init__()
         # Plain values only, so checkpoints load with torch.load(weights_only=True).
@@ -126,13 +128,14 @@ class SamModule(pl.LightningModule):
             raise ValueError("freeze: image_encoder would freeze its LoRA layers too; LoRA freezes the rest")
         for part in self.freeze:
             getattr(self.net, part).requires_grad_(False)
-        if frame != self.net.input_frame:
+        net_frame = getattr(self.net, "input_frame", "sam")  # a stand-in net without one: SAM's
+        if frame is not None and frame != net_frame:
             raise ValueError(
                 f"model.frame={frame!r}, but {type(self.net).__name__} takes its input in the "
-                f"{self.net.input_frame!r} frame: set model.frame={self.net.input_frame} (the data "
-                "transforms read it; model=sam2_* sets square)"
+                f"{net_frame!r} frame: set model.frame={net_frame} (the data transforms read it; "
+                "model=sam2_* sets square)"
             )
-        self.frame = frame
+        self.frame = net_frame
         self.object_scores = self.loss_weights.wants_object_scores
         if self.object_scores and not supports_object_scores(self.net):
             raise ValueError(
