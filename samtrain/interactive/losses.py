@@ -150,9 +150,15 @@ def resize_targets(targets: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
     return resized[:, 0] > 0.5
 
 
-def _check_sam_inputs(
-    mask_logits: torch.Tensor, iou_pred: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor | None
-) -> None:
+def _checked_valid(
+    mask_logits: torch.Tensor,
+    iou_pred: torch.Tensor,
+    targets: torch.Tensor,
+    valid: torch.Tensor | None,
+    iou_supervision: str,
+) -> torch.Tensor:
+    """ValueError on inputs of the wrong shapes or an unknown ``iou_supervision``; else ``valid``,
+    all True ``(N, M) bool`` when None."""
     if mask_logits.ndim != 4:
         raise ValueError(f"mask_logits must have shape (N, M, h, w), got shape {tuple(mask_logits.shape)}")
     n, m = mask_logits.shape[:2]
@@ -162,6 +168,9 @@ def _check_sam_inputs(
         raise ValueError(f"targets must have shape (N={n}, H, W), got shape {tuple(targets.shape)}")
     if valid is not None and tuple(valid.shape) != (n, m):
         raise ValueError(f"valid must have shape (N, M) = {(n, m)}, got shape {tuple(valid.shape)}")
+    if iou_supervision not in IOU_SUPERVISION:
+        raise ValueError(f"unknown iou_supervision {iou_supervision!r}; expected one of {IOU_SUPERVISION}")
+    return torch.ones(n, m, dtype=torch.bool, device=mask_logits.device) if valid is None else valid
 
 
 def _gather_rows(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -219,13 +228,8 @@ def sam_loss(
     Returns:
         :class:`SamLoss`.
     """
-    _check_sam_inputs(mask_logits, iou_pred, targets, valid)
-    if iou_supervision not in IOU_SUPERVISION:
-        raise ValueError(f"unknown iou_supervision {iou_supervision!r}; expected one of {IOU_SUPERVISION}")
-    n, m = mask_logits.shape[:2]
+    valid = _checked_valid(mask_logits, iou_pred, targets, valid, iou_supervision)
     device = mask_logits.device
-    if valid is None:
-        valid = torch.ones(n, m, dtype=torch.bool, device=device)
     row_ok = valid.any(dim=1)
 
     focal, dice, true_iou, chosen = _per_output_terms(mask_logits, targets, valid, focal_weight, dice_weight)
@@ -339,13 +343,8 @@ def sam2_loss(
     Returns:
         :class:`Sam2Loss`.
     """
-    _check_sam_inputs(mask_logits, iou_pred, targets, valid)
-    if iou_supervision not in IOU_SUPERVISION:
-        raise ValueError(f"unknown iou_supervision {iou_supervision!r}; expected one of {IOU_SUPERVISION}")
-    n, m = mask_logits.shape[:2]
-    device = mask_logits.device
-    if valid is None:
-        valid = torch.ones(n, m, dtype=torch.bool, device=device)
+    valid = _checked_valid(mask_logits, iou_pred, targets, valid, iou_supervision)
+    n, device = mask_logits.shape[0], mask_logits.device
     row_ok = valid.any(dim=1)
     focal, dice, true_iou, chosen = _per_output_terms(mask_logits, targets, valid, focal_weight, dice_weight)
 
