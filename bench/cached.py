@@ -185,7 +185,7 @@ def measure(args, masks: int, steps: tuple[str, ...], folder: Path) -> dict:
     rest = {k: v for k, v in batch.items() if k != "image"}
 
     def cached_batch() -> dict:
-        embeddings = torch.stack([cache.embedding(i) for i in range(len(cache))])
+        embeddings = torch.stack([cache.feature_levels(i)[0] for i in range(len(cache))])
         return {**rest, "image_embedding": embeddings}
 
     makers = {

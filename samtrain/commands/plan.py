@@ -284,11 +284,8 @@ def smaller_shapes(shape: Shape, min_masks: int = 8) -> list[Shape]:
 
 def allowed(setup: Setup, mode: Mode) -> bool:
     """Whether SamModule accepts the mode under the configured run: per-pass backward works neither
-    with FSDP nor with fp16 mixed precision (its gradients would bypass the scaler); cached
-    embeddings are SAM's only."""
+    with FSDP nor with fp16 mixed precision (its gradients would bypass the scaler)."""
     per_pass = mode.switches.get("decoder_backward_per_pass", False)
-    if mode.cached_embeddings and str(setup.cfg.model.net.variant).startswith("sam2"):
-        return False  # the cache holds SAM's one embedding per image, not SAM 2's three levels
     return not (per_pass and (setup.strategy == "fsdp" or setup.precision == "16-mixed"))
 
 

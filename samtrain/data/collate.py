@@ -56,6 +56,7 @@ def collate_sam_batch(samples: Sequence[dict | None], *, max_masks_per_batch: in
     Returns:
         "image":            float32 (B, 3, S, S), or "image_embedding" float32 (B, C, S/16, S/16) for
                             samples read from an embedding cache
+        "high_res_features": (cached SAM 2.1 features) the finer levels, each float32 (B, C_l, h_l, w_l)
         "masks":            bool (N, S, S), every image's masks in image order (N = sum of K_i)
         "mask_image_index": int64 (N,), the batch index of each mask's image
         "input_size":       int64 (B, 2)
@@ -76,8 +77,13 @@ def collate_sam_batch(samples: Sequence[dict | None], *, max_masks_per_batch: in
     if max_masks_per_batch is not None:
         samples = masks_within_cap(samples, int(max_masks_per_batch))
     counts = torch.tensor([len(s["masks"]) for s in samples], dtype=torch.int64)
+    finer = {}
+    if "high_res_features" in samples[0]:
+        levels = zip(*(s["high_res_features"] for s in samples), strict=True)
+        finer["high_res_features"] = [torch.stack(level) for level in levels]
     return {
         key: torch.stack([s[key] for s in samples]),
+        **finer,
         "masks": torch.cat([s["masks"] for s in samples]),
         "mask_image_index": torch.repeat_interleave(torch.arange(len(samples)), counts),
         "input_size": torch.stack([torch.as_tensor(s["input_size"], dtype=torch.int64) for s in samples]),

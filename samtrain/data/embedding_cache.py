@@ -7,12 +7,18 @@ from the stored embeddings (SAM's full click recipe, no augmentation). A cache f
 dataset (one split), all ``numpy`` or JSON files, nothing pickled::
 
     embeddings.npy  (N, C, S/16, S/16) float16 | float32   read memory-mapped (np.load(mmap_mode="r"))
+    embeddings.L.npy                                        level L >= 1 of a multi-level encoder
+                    (SAM 2.1: 1 is (N, C/4, S/8, S/8), 2 is (N, C/8, S/4, S/4))
     masks.npy       (total,) uint8                          every mask's COCO compressed-RLE counts, concatenated
     index.npz       ok (N,) bool, input_size (N, 2), original_size (N, 2), image_id (N,) int64,
                     mask_start (N + 1,) int64 (item i owns masks mask_start[i]:mask_start[i+1]),
                     rle_start (M + 1,) int64 (mask m's counts are masks[rle_start[m]:rle_start[m+1]])
     sources.json    every file the dataset reads: its SHA-256 and the stat it was hashed at
     manifest.json   the cache key and what went into it; written last
+
+An encoder's output is stored as the model's ``feature_levels`` of it (SAM: its one embedding;
+SAM 2.1: the top level and its two finer levels, as the mask decoder reads them) and read back
+with ``features_from_levels``.
 
 The masks are cached too, as compressed RLE at the model resolution (S x S): then an item is read
 without opening its image file, decoding the dataset's annotations or resizing anything, and RLE
@@ -77,10 +83,19 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3  # 3: one file per feature level
 DTYPES = {"float16": np.float16, "float32": np.float32}
-EMBEDDINGS, MASKS, INDEX = "embeddings.npy", "masks.npy", "index.npz"
+MASKS, INDEX = "masks.npy", "index.npz"
 SOURCES, MANIFEST = "sources.json", "manifest.json"
+
+
+def level_file(level: int) -> str:
+    """The file of feature level ``level``: ``embeddings.npy`` for the top one."""
+    return "embeddings.npy" if level == 0 else f"embeddings.{level}.npy"
+
+
+def temporary(name: str) -> str:
+    return f"{name}.tmp"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -321,14 +336,14 @@ def _as_list(batch: list) -> list:
 
 @dataclass
 class _Writer:
-    """Takes the items in dataset order; embeddings go straight into a memory-mapped file."""
+    """Takes the items in dataset order; each feature level goes straight into a memory-mapped file."""
 
     folder: Path
     dtype: str
     count: int
 
     def __post_init__(self) -> None:
-        self.embeddings: np.memmap | None = None
+        self.levels: list[np.memmap] | None = None
         self.ok = np.zeros(self.count, dtype=bool)
         self.input_size = np.zeros((self.count, 2), dtype=np.int64)
         self.original_size = np.zeros((self.count, 2), dtype=np.int64)
@@ -337,19 +352,32 @@ class _Writer:
         self.rle_lengths: list[int] = []
         self.rle_file = (self.folder / "masks.tmp.bin").open("wb")
 
-    def _put(self, index: int, embedding: np.ndarray, meta: dict, counts: list[bytes]) -> None:
-        if self.embeddings is None:
-            self.embeddings = np.lib.format.open_memmap(
-                self.folder / "embeddings.tmp.npy",
+    def _open(self, levels: Sequence[np.ndarray]) -> list[np.memmap]:
+        return [
+            np.lib.format.open_memmap(
+                self.folder / temporary(level_file(i)),
                 mode="w+",
                 dtype=DTYPES[self.dtype],
-                shape=(self.count, *embedding.shape),
+                shape=(self.count, *level.shape),
             )
-        self.embeddings[index] = embedding
-        if not np.isfinite(self.embeddings[index]).all():
+            for i, level in enumerate(levels)
+        ]
+
+    def _put(self, index: int, levels: Sequence[np.ndarray], meta: dict, counts: list[bytes]) -> None:
+        if self.levels is None:
+            self.levels = self._open(levels)
+        if len(levels) != len(self.levels):
             raise ValueError(
-                f"embedding cache {self.folder}: item {index}'s embedding overflows {self.dtype}; use float32"
+                f"embedding cache {self.folder}: item {index} has {len(levels)} feature levels, "
+                f"the first item {len(self.levels)}"
             )
+        for stored, level in zip(self.levels, levels, strict=True):
+            stored[index] = level
+            if not np.isfinite(stored[index]).all():
+                raise ValueError(
+                    f"embedding cache {self.folder}: item {index}'s embedding overflows {self.dtype}; "
+                    "use float32"
+                )
         self.ok[index] = True
         self.input_size[index] = np.asarray(meta["input_size"])
         self.original_size[index] = np.asarray(meta["original_size"])
@@ -359,9 +387,10 @@ class _Writer:
             self.rle_file.write(c)
             self.rle_lengths.append(len(c))
 
-    def add(self, index: int, sample: dict, embedding: np.ndarray) -> None:
-        """A freshly encoded item: its (C, h, w) embedding and its sample's metadata and masks."""
-        self._put(index, embedding, sample, encode_masks(sample["masks"]))
+    def add(self, index: int, sample: dict, levels: Sequence[np.ndarray]) -> None:
+        """A freshly encoded item: its feature levels (each (C_l, h_l, w_l)) and its sample's
+        metadata and masks."""
+        self._put(index, levels, sample, encode_masks(sample["masks"]))
 
     def copy(self, index: int, old: CachedEmbeddingDataset) -> None:
         """Item ``index`` as the old cache ``old`` holds it (an unreadable one stays unreadable)."""
@@ -369,27 +398,29 @@ class _Writer:
         idx = arrays[2]
         if idx["ok"][index]:
             meta = {k: idx[k][index] for k in ("input_size", "original_size", "image_id")}
-            self._put(index, arrays[0][index], meta, list(old.mask_counts(index)))
+            self._put(index, [level[index] for level in arrays[0]], meta, list(old.mask_counts(index)))
 
     def finish(self) -> dict:
         """Write every file under its final name (os.replace); returns the manifest's shape fields."""
         self.rle_file.close()
-        if self.embeddings is None:
+        if self.levels is None:
             raise ValueError(f"embedding cache {self.folder}: no sample of the dataset could be read")
-        self.embeddings.flush()
-        shape = list(self.embeddings.shape)
-        del self.embeddings
+        shapes = []
+        for level in self.levels:
+            level.flush()
+            shapes.append(list(level.shape))
+        self.levels = None
         raw = self.folder / "masks.tmp.bin"
         total = int(sum(self.rle_lengths))
         blob = np.lib.format.open_memmap(
-            self.folder / "masks.tmp.npy", mode="w+", dtype=np.uint8, shape=(total,)
+            self.folder / temporary(MASKS), mode="w+", dtype=np.uint8, shape=(total,)
         )
         if total:
             blob[:] = np.memmap(raw, dtype=np.uint8, mode="r", shape=(total,))
         blob.flush()
         del blob
         raw.unlink()
-        with (self.folder / "index.tmp.npz").open("wb") as f:
+        with (self.folder / temporary(INDEX)).open("wb") as f:
             np.savez(
                 f,
                 ok=self.ok,
@@ -399,11 +430,10 @@ class _Writer:
                 mask_start=np.concatenate([[0], np.cumsum(self.masks_per_item)]).astype(np.int64),
                 rle_start=np.concatenate([[0], np.cumsum(self.rle_lengths, dtype=np.int64)]).astype(np.int64),
             )
-        for name in (EMBEDDINGS, MASKS, INDEX):
-            stem, ext = name.split(".")
-            os.replace(self.folder / f"{stem}.tmp.{ext}", self.folder / name)
+        for name in (*map(level_file, range(len(shapes))), MASKS, INDEX):
+            os.replace(self.folder / temporary(name), self.folder / name)
         return {
-            "embedding_shape": shape,
+            "embedding_shapes": shapes,
             "num_masks": len(self.rle_lengths),
             "num_skipped": int((~self.ok).sum()),
         }
@@ -424,21 +454,22 @@ def _encoded(
     num_workers: int,
     device: torch.device,
     forward_context: Callable[[], contextlib.AbstractContextManager],
+    feature_levels: Callable[[Any], Sequence[torch.Tensor]],
     desc: str,
-) -> Iterator[tuple[int, dict | None, np.ndarray | None]]:
-    """(index, sample, (C, h, w) embedding) of every item of ``indices`` in their order; an
-    unreadable item gives (index, None, None)."""
+) -> Iterator[tuple[int, dict | None, list[np.ndarray] | None]]:
+    """(index, sample, its feature levels, each (C_l, h_l, w_l)) of every item of ``indices`` in
+    their order; an unreadable item gives (index, None, None)."""
     loader = DataLoader(
         _IndexedSamples(dataset, indices), batch_size=batch_size, num_workers=num_workers, collate_fn=_as_list
     )
     for items in tqdm(loader, desc=desc, unit="batch"):
         good = [(i, s) for i, s in items if s is not None]
-        embeddings: dict[int, np.ndarray] = {}
+        embeddings: dict[int, list[np.ndarray]] = {}
         if good:
             images = torch.stack([s["image"] for _, s in good]).to(device)
             with forward_context():
-                out = encoder(images).float().cpu().numpy()
-            embeddings = {i: e for (i, _), e in zip(good, out, strict=True)}
+                levels = [level.float().cpu().numpy() for level in feature_levels(encoder(images))]
+            embeddings = {i: [level[b] for level in levels] for b, (i, _) in enumerate(good)}
         for index, sample in items:
             yield index, sample, embeddings.get(index)
 
@@ -457,6 +488,7 @@ def build_embedding_cache(
     num_workers: int = 0,
     device: torch.device | str | None = None,
     forward_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    feature_levels: Callable[[Any], Sequence[torch.Tensor]] = lambda features: [features],
     reuse: CachedEmbeddingDataset | None = None,
     items: Sequence[int] | None = None,
 ) -> dict:
@@ -464,11 +496,13 @@ def build_embedding_cache(
 
     Args:
         dataset: map-style, items of the SAM sample contract from its eval transform.
-        encoder: (B, 3, S, S) -> (B, C, S/16, S/16).
+        encoder: (B, 3, S, S) -> image features, which ``feature_levels`` turns into the tensors
+            stored (B, C_l, h_l, w_l); the default stores the encoder's one (B, C, S/16, S/16).
         folder: the cache folder (created); its old manifest is deleted before anything is written.
         key, components, sources: from :func:`cache_key` and :func:`hash_source_files`, stored.
         dtype: "float16" (half the disk) or "float32".
         forward_context: wraps each encoder call (e.g. the trainer's autocast).
+        feature_levels: the model's ``feature_levels`` (``Sam.feature_levels``, ``Sam2.feature_levels``).
         reuse, items: a partial rebuild: only ``items`` are encoded, every other item is copied from
             ``reuse`` (the old cache of the same dataset, same length and order).
 
@@ -495,6 +529,7 @@ def build_embedding_cache(
         num_workers=num_workers,
         device=device,
         forward_context=forward_context,
+        feature_levels=feature_levels,
         desc=f"embedding cache {folder}",
     )
     todo_set = set(todo)
@@ -503,10 +538,10 @@ def build_embedding_cache(
             if index not in todo_set:
                 writer.copy(index, reuse)
                 continue
-            got, sample, embedding = next(fresh)
+            got, sample, levels = next(fresh)
             assert got == index, (got, index)
             if sample is not None:
-                writer.add(index, sample, embedding)
+                writer.add(index, sample, levels)
         shapes = writer.finish()
         _write_json_atomic(folder / SOURCES, {"key": key, "files": sources})
     except BaseException:
@@ -549,7 +584,10 @@ def read_manifest(folder: Path) -> tuple[dict | None, str | None]:
         return None, f"no manifest {path} (never built, or an earlier build was interrupted)"
     try:
         manifest = json.loads(path.read_text())
-        embeddings = np.load(folder / EMBEDDINGS, mmap_mode="r", allow_pickle=False)
+        shapes = manifest.get("embedding_shapes") or []
+        levels = [
+            np.load(folder / level_file(i), mmap_mode="r", allow_pickle=False) for i in range(len(shapes))
+        ]
         masks = np.load(folder / MASKS, mmap_mode="r", allow_pickle=False)
         with np.load(folder / INDEX, allow_pickle=False) as index:
             rle_total = int(index["rle_start"][-1])
@@ -557,7 +595,8 @@ def read_manifest(folder: Path) -> tuple[dict | None, str | None]:
     except (OSError, ValueError, KeyError, UnicodeDecodeError) as err:
         return None, f"a cache file is missing or unreadable: {err}"
     if (
-        list(embeddings.shape) != manifest.get("embedding_shape")
+        not levels
+        or [list(level.shape) for level in levels] != shapes
         or masks.shape != (rle_total,)
         or items != manifest.get("num_items")
     ):
@@ -644,6 +683,7 @@ def ensure_embedding_cache(
         components=components,
         sources=sources,
         dtype=dtype,
+        feature_levels=net.feature_levels,
         **build_kwargs,
     )
     if manifest is not None and manifest.get("key") == key:
@@ -680,7 +720,9 @@ def ensure_embedding_cache(
 
 class CachedEmbeddingDataset(Dataset):
     """Items of the SAM sample contract read from a cache folder, with ``"image_embedding"`` float32
-    (C, S/16, S/16) in place of ``"image"``: ``masks`` bool (K, S, S), ``input_size`` (2,),
+    (C, S/16, S/16) in place of ``"image"`` (and, from a multi-level encoder, ``"high_res_features"``:
+    its finer levels, a list of float32 (C_l, h_l, w_l), as ``features_from_levels`` takes them after
+    the top one): ``masks`` bool (K, S, S), ``input_size`` (2,),
     ``original_size`` (2,), ``image_id``. An item that was unreadable when the cache was built raises
     :class:`SampleError` (``SkipBadSamples`` skips and counts it, as for the plain dataset).
 
@@ -705,22 +747,27 @@ class CachedEmbeddingDataset(Dataset):
     def __len__(self) -> int:
         return int(self.manifest["num_items"])
 
-    def open_arrays(self) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    def open_arrays(self) -> tuple[list[np.ndarray], np.ndarray, dict[str, np.ndarray]]:
+        """(the feature levels, the RLE blob, the index), memory-mapped once per process."""
         if self._arrays is None or self._pid != os.getpid():
-            embeddings = np.load(self.folder / EMBEDDINGS, mmap_mode="r", allow_pickle=False)
+            levels = [
+                np.load(self.folder / level_file(i), mmap_mode="r", allow_pickle=False)
+                for i in range(len(self.manifest["embedding_shapes"]))
+            ]
             masks = np.load(self.folder / MASKS, mmap_mode="r", allow_pickle=False)
             with np.load(self.folder / INDEX, allow_pickle=False) as f:
                 index = {k: f[k] for k in f.files}
-            self._arrays, self._pid = (embeddings, masks, index), os.getpid()
+            self._arrays, self._pid = (levels, masks, index), os.getpid()
         return self._arrays
 
     def __getstate__(self) -> dict:
         # Workers reopen the files: memory maps never travel, nor the source dataset (not read here).
         return {**self.__dict__, "_arrays": None, "_pid": None, "source": None}
 
-    def embedding(self, index: int) -> torch.Tensor:
-        """Item ``index``'s embedding: float32 (C, S/16, S/16), copied out of the memory map."""
-        return torch.from_numpy(np.array(self.open_arrays()[0][index], dtype=np.float32))
+    def feature_levels(self, index: int) -> list[torch.Tensor]:
+        """Item ``index``'s feature levels, float32 (C_l, h_l, w_l), copied out of the memory maps;
+        the first is its (C, S/16, S/16) embedding."""
+        return [torch.from_numpy(np.array(level[index], dtype=np.float32)) for level in self.open_arrays()[0]]
 
     def mask_counts(self, index: int) -> Iterator[bytes]:
         _, blob, idx = self.open_arrays()
@@ -732,8 +779,11 @@ class CachedEmbeddingDataset(Dataset):
         idx = self.open_arrays()[2]
         if not idx["ok"][index]:
             raise SampleError(self.folder, f"item {index} was unreadable when the cache was built")
+        embedding, *high_res = self.feature_levels(index)
+        finer = {"high_res_features": high_res} if high_res else {}
         return {
-            "image_embedding": self.embedding(index),
+            "image_embedding": embedding,
+            **finer,
             "masks": decode_masks(list(self.mask_counts(index)), self.image_size),
             "input_size": torch.from_numpy(idx["input_size"][index].copy()),
             "original_size": torch.from_numpy(idx["original_size"][index].copy()),

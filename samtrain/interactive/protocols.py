@@ -272,6 +272,13 @@ def trace_interaction(
 
 
 @torch.no_grad()
+def cached_features(model: Any, batch: dict) -> Any:
+    """The image features of a batch read from an embedding cache: its ``"image_embedding"``
+    (B, C, S/16, S/16) and any ``"high_res_features"`` (SAM 2.1's finer levels) through the model's
+    ``features_from_levels``."""
+    return model.features_from_levels([batch["image_embedding"], *batch.get("high_res_features", ())])
+
+
 def evaluate_batch(
     model: Any, batch: dict[str, torch.Tensor], *, max_clicks: int = 20
 ) -> dict[str, torch.Tensor]:
@@ -280,8 +287,8 @@ def evaluate_batch(
 
     Args:
         model: ``Sam``.
-        batch: ``"image"`` ``(B, 3, S, S)`` normalised and padded, or ``"image_embedding"``
-            ``(B, C, S/16, S/16)`` (cached-embedding mode), ``"masks"`` ``(N, S, S) bool``,
+        batch: ``"image"`` ``(B, 3, S, S)`` normalised and padded, or the cached features
+            (:func:`cached_features`), ``"masks"`` ``(N, S, S) bool``,
             ``"mask_image_index"`` ``(N,) int64``, ``"input_size"`` ``(B, 2) int64``.
         max_clicks: K.
 
@@ -292,7 +299,7 @@ def evaluate_batch(
         ``update(ious, box_ious=box_ious, pred_ious=pred_ious)``.
     """
     embeddings = (
-        batch["image_embedding"] if "image_embedding" in batch else model.image_encoder(batch["image"])
+        cached_features(model, batch) if "image_embedding" in batch else model.image_encoder(batch["image"])
     )
     kwargs = dict(image_indices=batch["mask_image_index"], input_sizes=batch["input_size"])
     ious, pred_ious = click_curve(model, embeddings, batch["masks"], max_clicks=max_clicks, **kwargs)

@@ -206,11 +206,12 @@ def fake_module(module: nn.Module, fake_mode: FakeTensorMode) -> nn.Module:
 
 
 def synthetic_batch_shapes(
-    *, images: int, masks_per_image: int, image_size: int, cached_embeddings: bool
+    net: nn.Module, *, images: int, masks_per_image: int, image_size: int, cached_embeddings: bool
 ) -> dict[str, torch.Tensor]:
     """A batch of the collate's keys and shapes, made by the current tensor mode (fake in the planner):
-    image (B, 3, S, S) or image_embedding (B, 256, S/16, S/16), masks (B*K, S, S) bool,
-    mask_image_index (B*K,), input_size (B, 2), image_id (B,)."""
+    image (B, 3, S, S) or the cached features of ``net`` (image_embedding (B, 256, S/16, S/16) and,
+    for SAM 2.1, high_res_features), masks (B*K, S, S) bool, mask_image_index (B*K,),
+    input_size (B, 2), image_id (B,)."""
     n = images * masks_per_image
     batch = {
         "masks": torch.zeros(n, image_size, image_size, dtype=torch.bool),
@@ -218,11 +219,14 @@ def synthetic_batch_shapes(
         "input_size": torch.full((images, 2), image_size),
         "image_id": torch.arange(images),
     }
-    if cached_embeddings:
-        grid = image_size // 16
-        batch["image_embedding"] = torch.zeros(images, 256, grid, grid)
-    else:
-        batch["image"] = torch.zeros(images, 3, image_size, image_size)
+    image = torch.zeros(images, 3, image_size, image_size)
+    if not cached_embeddings:
+        return {**batch, "image": image}
+    with torch.no_grad():  # the shapes only: under the planner's fake mode this costs nothing
+        levels = [level.float() for level in net.feature_levels(net.image_encoder(image))]
+    batch["image_embedding"] = levels[0]
+    if len(levels) > 1:
+        batch["high_res_features"] = levels[1:]
     return batch
 
 
@@ -323,6 +327,7 @@ def fake_step(
         optimizer = build_optimizer(module)
         init_optimizer_state(module, optimizer)
         batch = synthetic_batch_shapes(
+            module.net,
             images=images,
             masks_per_image=masks_per_image,
             image_size=image_size,

@@ -13,6 +13,7 @@ import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from functools import partial
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -28,7 +29,7 @@ from samtrain.frame import valid_regions
 from samtrain.interactive.metrics import InteractiveMetrics
 from samtrain.interactive.per_pass_backward import PerPassBackward
 from samtrain.interactive.prompts import mask_keys
-from samtrain.interactive.protocols import evaluate_batch
+from samtrain.interactive.protocols import cached_features, evaluate_batch
 from samtrain.interactive.simulate import Decode, LossWeights, PromptRecipe, Prompts, simulate_interaction
 from samtrain.lightning.fault_tolerance import load_pending_loader_state, zero_loss
 from samtrain.lightning.optim import sam_param_groups
@@ -161,12 +162,13 @@ class SamModule(pl.LightningModule):
         with torch.set_grad_enabled(torch.is_grad_enabled() and "image_encoder" not in self.freeze):
             return self.net.image_encoder(images)
 
-    def image_embeddings(self, batch: dict) -> torch.Tensor:
-        """(B, 256, S/16, S/16): the batch's cached embeddings when it carries them, else the encoder's."""
+    def image_embeddings(self, batch: dict) -> Any:
+        """The image features (SAM: (B, 256, S/16, S/16)): the batch's cached ones when it carries
+        them, else the encoder's."""
         if "image_embedding" in batch:
             if "image_encoder" not in self.freeze:
                 raise ValueError("cached image embeddings need image_encoder in model.freeze")
-            return batch["image_embedding"]
+            return cached_features(self.net, batch)
         return self.encode(batch["image"])
 
     def decoder_image(self, embeddings: torch.Tensor) -> DecoderImage:

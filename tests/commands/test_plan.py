@@ -134,7 +134,10 @@ def test_planning_vit_h_at_1024_allocates_no_weights():
     assert mode["masks_per_image"] == 64 and mode["peak_bytes"] > 4 * mode["parameter_bytes"]
 
 
-def test_a_sam2_is_planned_without_the_cached_mode():
+def test_a_sam2_is_planned_in_every_mode_its_cache_holding_three_levels():
     setup = plan.read_setup(plan.compose_train_config(["model=sam2_hiera_n", "prompts=sam2", *TINY]))
-    names = [m.name for m in plan.MODES if plan.allowed(setup, m)]
-    assert "cached embeddings + per-pass" not in names and "plain" in names
+    modes = {m.name: m for m in plan.MODES if plan.allowed(setup, m)}
+    assert modes.keys() == {m.name for m in plan.MODES}
+    cached, plain = (plan.plan_mode(setup, modes[name]) for name in ("cached embeddings + per-pass", "plain"))
+    # Cached: no encoder gradients or moments, and the step reads the three stored levels.
+    assert cached.trainable_parameters < plain.trainable_parameters and cached.step_peak < plain.step_peak

@@ -15,6 +15,7 @@ from samtrain.data import CocoInstanceDataset, SamTransform, collate_sam_batch
 from samtrain.data.datamodule import SamDataModule
 from samtrain.data.embedding_cache import CachedEmbeddingDataset, ensure_embedding_cache
 from samtrain.data.errors import SampleError, SkipBadSamples
+from samtrain.interactive.protocols import evaluate_batch
 from samtrain.interactive.simulate import PromptRecipe
 from samtrain.lightning.callbacks.embedding_cache import check_frozen_encoder
 from samtrain.lightning.sam_module import SamModule
@@ -218,11 +219,18 @@ def test_refuses_augmentation_and_a_trainable_encoder(tmp_path):
         check_frozen_encoder(net)
 
 
-def test_fast_dev_run_with_the_experiment(tiny_cfg, tmp_path, caplog):
+@pytest.mark.parametrize(
+    "experiment",
+    [
+        ("experiment=finetune_cached", "model.net.variant=vit_t"),
+        ("experiment=finetune_sam2_cached", "model=sam2_hiera_n"),
+    ],
+    ids=["sam", "sam2"],
+)
+def test_fast_dev_run_with_the_experiment(tiny_cfg, tmp_path, caplog, experiment):
     cache_dir = tmp_path / "embedding_cache"
     cfg = tiny_cfg(
-        "experiment=finetune_cached",
-        "model.net.variant=vit_t",
+        *experiment,
         "model.net.image_size=64",
         "trainer.accelerator=cpu",
         "trainer.precision=32-true",
@@ -235,6 +243,7 @@ def test_fast_dev_run_with_the_experiment(tiny_cfg, tmp_path, caplog):
     for split in ("train", "val"):
         manifest = json.loads((cache_dir / split / "manifest.json").read_text())
         assert manifest["components"]["image_size"] == 64
+        assert len(manifest["embedding_shapes"]) == (3 if "sam2" in cfg.model.net.variant else 1)
     caplog.set_level("INFO", logger="samtrain.data.embedding_cache")
     train(cfg)  # a second run reuses both caches
     assert caplog.text.count("up to date, reused") == 2 and "rebuilding" not in caplog.text
@@ -249,3 +258,63 @@ def test_the_datamodule_swaps_its_datasets_through_a_public_method():
     assert datamodule.datasets() == {"train": dataset, "val": replacement}
     with pytest.raises(ValueError, match="no split"):
         datamodule.replace_datasets({"training": replacement})
+
+
+# -- SAM 2.1: three feature levels ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sam2_cache(tmp_path_factory):
+    torch.manual_seed(0)
+    net = build_sam("sam2.1_hiera_n", image_size=64)
+    dataset = sample_dataset(frame="square")
+    return net, dataset, cached(dataset, net, tmp_path_factory.mktemp("sam2_cache"))
+
+
+def test_a_sam2_cache_holds_its_three_feature_levels(sam2_cache):
+    net, dataset, cache = sam2_cache
+    assert cache.manifest["embedding_shapes"] == [[16, 256, 4, 4], [16, 64, 8, 8], [16, 32, 16, 16]]
+    item, plain = cache[3], dataset[3]
+    with torch.no_grad():
+        expected = net.eval().image_encoder(plain["image"][None])[0].tensors()
+    got = [item["image_embedding"], *item["high_res_features"]]
+    for level, want in zip(got, expected, strict=True):
+        torch.testing.assert_close(level, want, atol=1e-5, rtol=1e-5)
+    batch = collate_sam_batch([cache[i] for i in (0, 1)])
+    assert [t.shape for t in batch["high_res_features"]] == [(2, 64, 8, 8), (2, 32, 16, 16)]
+
+
+def test_a_cached_sam2_step_and_evaluation_match_the_plain_ones(sam2_cache):
+    net, dataset, cache = sam2_cache
+    module = trainer_of(net, num_click_passes=2, num_mask_only_passes=1)
+    items = [0, 1, 2]
+    plain_batch, cached_batch = (collate_sam_batch([d[i] for i in items]) for d in (dataset, cache))
+    plain_loss, plain_grads = step(module, plain_batch)
+    cached_loss, cached_grads = step(module, cached_batch)
+    assert plain_grads.keys() == cached_grads.keys()
+    without_fine = {
+        **cached_batch,
+        "high_res_features": [torch.zeros_like(t) for t in cached_batch["high_res_features"]],
+    }
+    assert not torch.isclose(step(module, without_fine)[0], cached_loss)  # the finer levels are read
+    torch.testing.assert_close(cached_loss, plain_loss, atol=1e-6, rtol=1e-6)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(cached_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+    with torch.no_grad():
+        plain, from_cache = (evaluate_batch(net.eval(), b, max_clicks=3) for b in (plain_batch, cached_batch))
+    for key, value in plain.items():
+        torch.testing.assert_close(from_cache[key], value, atol=1e-5, rtol=1e-5, msg=key)
+
+
+def test_a_sam2_cache_missing_a_level_is_rebuilt(tmp_path):
+    torch.manual_seed(0)
+    net, dataset, folder = (
+        build_sam("sam2.1_hiera_n", image_size=64),
+        sample_dataset(frame="square"),
+        tmp_path / "c",
+    )
+    calls = EncoderCalls(net)
+    cached(dataset, net, folder)
+    (folder / "embeddings.2.npy").unlink()
+    cached(dataset, net, folder)
+    assert calls.count == 8 and (folder / "embeddings.2.npy").is_file()

@@ -101,14 +101,14 @@ def test_sam2_optim_on_a_sam1_model_names_the_missing_trunk(tiny_cfg):
         module.configure_optimizers()
 
 
-def test_cached_embeddings_refuse_a_sam2():
-    """The cache holds SAM's one embedding per image; SAM 2.1's three levels are refused by name."""
+def test_cached_embeddings_take_a_sam2_with_its_encoder_frozen():
     from samtrain.lightning.callbacks.embedding_cache import check_frozen_encoder
     from samtrain.models import build_sam
 
-    net = build_sam("sam2.1_hiera_n", image_size=64).requires_grad_(False)
-    with pytest.raises(ValueError, match=r"SAM 2\.1's three feature levels"):
+    net = build_sam("sam2.1_hiera_n", image_size=64)
+    with pytest.raises(ValueError, match="frozen image encoder"):
         check_frozen_encoder(net)
+    check_frozen_encoder(net.requires_grad_(False))
 
 
 def test_the_module_refuses_a_frame_its_model_does_not_take():

@@ -20,19 +20,13 @@ from samtrain.data.embedding_cache import (
     encoder_fingerprint,
     ensure_embedding_cache,
 )
-from samtrain.models import Sam2
 
 log = logging.getLogger(__name__)
 
 
 def check_frozen_encoder(net: nn.Module) -> None:
-    """ValueError unless ``net`` is a SAM whose ``image_encoder`` parameters are all frozen (cached
+    """ValueError unless ``net`` is a SAM (or SAM 2.1) whose ``image_encoder`` parameters are all frozen (cached
     embeddings cannot carry gradients to the encoder, nor follow its weights as they change)."""
-    if isinstance(net, Sam2):
-        raise ValueError(
-            "cached embeddings store SAM's one embedding per image; SAM 2.1's three feature levels "
-            "are not cached yet: train a SAM 2.1 with a frozen encoder instead (model.freeze=[image_encoder])"
-        )
     trainable = [n for n, p in net.image_encoder.named_parameters() if p.requires_grad]
     if trainable:
         raise ValueError(

@@ -95,6 +95,17 @@ class Sam(nn.Module):
         """Low-res logits (B, M, S/4, S/4) -> logits at the original image size (B, M, H, W)."""
         return logits_at_original_size(masks, self.image_size, input_size, original_size)
 
+    @staticmethod
+    def feature_levels(image_embeddings: torch.Tensor) -> list[torch.Tensor]:
+        """The image encoder's output as the tensors an embedding cache stores: [(B, C, h, w)]."""
+        return [image_embeddings]
+
+    @staticmethod
+    def features_from_levels(levels: list[torch.Tensor]) -> torch.Tensor:
+        """:meth:`feature_levels` back into the image encoder's output."""
+        (image_embeddings,) = levels
+        return image_embeddings
+
     def prepare_image(self, image_embeddings: torch.Tensor) -> DecoderImage:
         """(B, C, h, w) -> what the decoder reads; give it to :meth:`decode_masks` in place of
         the embeddings when decoding them many times with unchanged weights (the 11 passes of a

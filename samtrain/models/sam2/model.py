@@ -113,6 +113,17 @@ class Sam2(nn.Module):
 
     # Decoding.
 
+    @staticmethod
+    def feature_levels(features: Sam2ImageFeatures) -> list[torch.Tensor]:
+        """The image encoder's output as the tensors an embedding cache stores: the top level
+        (B, C, S/16, S/16), then the finer ones (B, C/4, S/8, S/8) and (B, C/8, S/4, S/4)."""
+        return features.tensors()
+
+    @staticmethod
+    def features_from_levels(levels: list[torch.Tensor]) -> Sam2ImageFeatures:
+        """:meth:`feature_levels` back into the image encoder's output."""
+        return Sam2ImageFeatures.from_tensors(list(levels))
+
     def prepare_image(self, features: Sam2ImageFeatures) -> Sam2DecoderImage:
         """Image features -> what the decoder reads, positional encoding projected once; give it to
         :meth:`decode_masks` in place of the features when decoding many times with unchanged weights."""
