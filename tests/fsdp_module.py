@@ -20,7 +20,7 @@ class FullyShardedSamModule(SamModule):
         if isinstance(self.net.image_encoder, FSDPModule):
             return  # Lightning calls this hook for every fit and validate
         mesh = self.device_mesh["data_parallel"]
-        for block in self.net.image_encoder.blocks:
+        for block in self.net.image_encoder.blocks:  # SAM's ViT blocks or SAM 2.1's Hiera blocks
             fully_shard(block, mesh=mesh)
         for name in ("image_encoder", "prompt_encoder", "mask_decoder"):
             part = getattr(self.net, name)

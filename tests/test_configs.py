@@ -17,7 +17,9 @@ from torch.optim.lr_scheduler import LambdaLR
 from samtrain.commands.pretrain_mae import save_mae_encoder
 from samtrain.data import SamDataModule
 from samtrain.interactive.simulate import PromptRecipe
+from samtrain.lightning.memory_plan import ENCODER_BLOCKS
 from samtrain.lightning.sam_module import SamModule
+from samtrain.models import build_sam
 from samtrain.models.mae import build_mae
 from tests.conftest import CONF, compose_config
 from tests.data_builders import data_overrides
@@ -132,14 +134,16 @@ def test_experiment_options(tiny_cfg, option, tmp_path):
         assert not any(p.requires_grad for p in getattr(module.net, part).parameters())
 
 
-def test_fsdp_wraps_each_encoder_block(tiny_cfg):
+def test_fsdp_wraps_each_encoder_block_of_either_family(tiny_cfg):
     from pytorch_lightning.strategies import FSDPStrategy
-    from timm.models.vision_transformer_sam import Block
 
     strategy = hydra.utils.instantiate(tiny_cfg("trainer=fsdp").trainer.strategy)
     assert isinstance(strategy, FSDPStrategy)
-    policy = strategy.kwargs["auto_wrap_policy"]
-    assert policy._module_classes == {Block}
+    classes = strategy.kwargs["auto_wrap_policy"]._module_classes
+    assert {f"{c.__module__}.{c.__qualname__}" for c in classes} == set(ENCODER_BLOCKS)
+    for variant in ("vit_t", "sam2.1_hiera_n"):
+        blocks = build_sam(variant, image_size=64).image_encoder.blocks
+        assert all(type(block) in classes for block in blocks), variant
 
 
 # The SAM paper (arXiv 2304.02643), appendix A, "Training algorithm", written out: what both runs

@@ -46,7 +46,10 @@ PRECISIONS: dict[str, tuple[torch.dtype | None, torch.dtype]] = {
     "16-true": (None, torch.float16),
 }
 PRIM_DEVICE = torch.ops.prim.device.default
-ENCODER_BLOCK = "timm.models.vision_transformer_sam.Block"
+ENCODER_BLOCKS = (  # conf/trainer/fsdp.yaml wraps each of these as one FSDP unit
+    "timm.models.vision_transformer_sam.Block",  # SAM
+    "timm.models.hieradet_sam2.MultiScaleBlock",  # SAM 2.1
+)
 
 
 @dataclass
@@ -290,7 +293,7 @@ def gathered_unit_bytes(module: SamModule) -> int:
     """FSDP's unsharded bytes at a time: the root unit (parameters outside the encoder blocks), two
     blocks' parameters (running and prefetched) and one block's gradients."""
     blocks = [
-        m for m in module.net.modules() if f"{type(m).__module__}.{type(m).__qualname__}" == ENCODER_BLOCK
+        m for m in module.net.modules() if f"{type(m).__module__}.{type(m).__qualname__}" in ENCODER_BLOCKS
     ]
     in_blocks = {id(p) for b in blocks for p in b.parameters()}
     root = storage_bytes([p for p in module.net.parameters() if id(p) not in in_blocks])

@@ -141,3 +141,14 @@ def test_a_sam2_is_planned_in_every_mode_its_cache_holding_three_levels():
     cached, plain = (plan.plan_mode(setup, modes[name]) for name in ("cached embeddings + per-pass", "plain"))
     # Cached: no encoder gradients or moments, and the step reads the three stored levels.
     assert cached.trainable_parameters < plain.trainable_parameters and cached.step_peak < plain.step_peak
+
+
+def test_a_sam2_under_fsdp_is_planned_per_device():
+    setup = plan.read_setup(
+        plan.compose_train_config(["model=sam2_hiera_n", "prompts=sam2", "trainer=fsdp", *TINY])
+    )
+    assert (setup.strategy, setup.world_size) == ("fsdp", 8)
+    (plain,) = [m for m in plan.MODES if m.name == "plain"]
+    memory = plan.plan_mode(setup, plain)
+    assert memory.gathered_units > 0 and plan.device_peak(setup, memory) < memory.peak
+    assert not any(plan.allowed(setup, m) for m in plan.MODES if m.switches.get("decoder_backward_per_pass"))

@@ -10,7 +10,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.lightning.test_distributed import assert_same_weights, save_weights, train, train_losses, weights
+from tests.lightning.test_distributed import (
+    SAM2,
+    assert_same_weights,
+    save_weights,
+    train,
+    train_losses,
+    weights,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -23,10 +30,11 @@ FSDP2 = (
 )
 
 
-def test_two_process_fsdp2_equals_one_process_with_the_same_global_batch(tmp_path):
+@pytest.mark.parametrize("model", [(), SAM2], ids=["sam", "sam2"])
+def test_two_process_fsdp2_equals_one_process_with_the_same_global_batch(tmp_path, model):
     single, sharded = tmp_path / "single", tmp_path / "fsdp"
-    train(single, "trainer.max_steps=3", *save_weights(single))
-    train(sharded, *FSDP2, "trainer.max_steps=3")
+    train(single, *model, "trainer.max_steps=3", *save_weights(single))
+    train(sharded, *model, *FSDP2, "trainer.max_steps=3")
     single_losses, sharded_losses = train_losses(single), train_losses(sharded)
     assert len(single_losses) == len(sharded_losses) == 3
     assert sharded_losses == pytest.approx(single_losses, abs=1e-5)

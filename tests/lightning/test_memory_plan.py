@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from bench import memory
+from samtrain.lightning.memory_plan import gathered_unit_bytes
+from samtrain.lightning.sam_module import SamModule
+from samtrain.models import build_sam
 
 # vit_t at 64 px, 1 image x 4 masks, 1 + 2 + 1 decoder passes: each mode measured on real tensors
 # (one subprocess, as bench.memory measures) and planned on fake ones.
@@ -41,3 +45,16 @@ def test_planned_peak_matches_the_real_step(argv):
         rss = real.get("rss_peak_over_start")
         if rss is not None:
             assert 0.4 * plan["planned_step_peak"] < rss < 1.15 * plan["planned_step_peak"], mode
+
+
+@pytest.mark.parametrize("variant", ["vit_t", "sam2.1_hiera_n"])
+def test_fsdp_units_are_the_encoder_blocks_of_either_family(variant):
+    """What FSDP holds unsharded at a time: the root unit (all but the blocks), two blocks' weights
+    and one block's gradients; a family whose blocks were not found would count everything as root."""
+    module = SamModule(net=build_sam(variant, image_size=64), optimizer=torch.optim.AdamW)
+    block_bytes = [
+        sum(p.numel() * 4 for p in block.parameters()) for block in module.net.image_encoder.blocks
+    ]
+    total = sum(p.numel() * 4 for p in module.net.parameters())
+    assert len(block_bytes) > 1
+    assert gathered_unit_bytes(module) == total - sum(block_bytes) + 3 * max(block_bytes)
