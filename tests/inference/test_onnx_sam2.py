@@ -12,6 +12,7 @@ from samtrain.inference.onnx import (
     SAM2_DECODER_INPUTS,
     SAM2_DECODER_OUTPUTS,
     SAM2_ENCODER_OUTPUTS,
+    export_encoder,
     export_onnx,
     select_single_output,
 )
@@ -20,7 +21,7 @@ from samtrain.models.sam2.image_encoder import Sam2ImageFeatures
 from tests.oracle import randomise
 
 ort = pytest.importorskip("onnxruntime")
-pytest.importorskip("onnx")
+onnx = pytest.importorskip("onnx")
 SIZE = 64
 ORIGINAL = (50, 30)  # (H, W): not square, not the traced example's size
 ATOL = 1e-4
@@ -142,3 +143,23 @@ def test_low_res_masks_are_clamped_and_masks_are_not(sessions):
     masks, _, low_res, _ = decoder.run(None, feed)
     bound = model.low_res_clamp
     assert np.abs(low_res).max() == np.float32(bound) and np.abs(masks).max() > bound
+
+
+def test_lora_is_exported_merged(tmp_path):
+    torch.manual_seed(0)
+    lora = build_sam("sam2.1_hiera_n", image_size=SIZE, lora=dict(rank=2, alpha=4)).eval()
+    image = torch.rand(1, 3, SIZE, SIZE) * 255
+    with torch.no_grad():
+        without = lora.image_encoder(lora.preprocess(image)).image_embed  # lora_B = 0: no change yet
+        for name, p in lora.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(0, 0.1)
+        expected = lora.image_encoder(lora.preprocess(image)).image_embed
+    encoder, _ = export_onnx(lora, tmp_path, opset=17)
+    (got, _, _) = ort.InferenceSession(str(encoder)).run(None, {"image": image.numpy()})
+    np.testing.assert_allclose(got, expected.numpy(), atol=ATOL, rtol=0)
+    assert not np.allclose(got, without.numpy(), atol=1e-3)
+    plain = export_encoder(build_sam("sam2.1_hiera_n", image_size=SIZE), tmp_path / "plain.onnx")
+    graph, plain_graph = onnx.load(str(encoder)).graph, onnx.load(str(plain)).graph
+    assert not [i.name for i in graph.initializer if "lora" in i.name]  # merged: no LoRA weights left,
+    assert [n.op_type for n in graph.node] == [n.op_type for n in plain_graph.node]  # nor LoRA matmuls
