@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from samtrain.inference.onnx import (
     SAM2_DECODER_INPUTS,
@@ -16,6 +17,7 @@ from samtrain.inference.onnx import (
     export_onnx,
     select_single_output,
 )
+from samtrain.inference.predictor import SamPredictor
 from samtrain.models import build_sam
 from samtrain.models.sam2.image_encoder import Sam2ImageFeatures
 from tests.oracle import randomise
@@ -163,3 +165,39 @@ def test_lora_is_exported_merged(tmp_path):
     graph, plain_graph = onnx.load(str(encoder)).graph, onnx.load(str(plain)).graph
     assert not [i.name for i in graph.initializer if "lora" in i.name]  # merged: no LoRA weights left,
     assert [n.op_type for n in graph.node] == [n.op_type for n in plain_graph.node]  # nor LoRA matmuls
+
+
+@pytest.mark.parametrize("multimask_output", [False, True])
+def test_onnx_pipeline_is_the_predictor(sessions, multimask_output):
+    """docs/sam2.md's recipe end to end (resize to S x S, encoder, prompt in the model frame,
+    decoder, then select_single_output or outputs 1-3) gives SamPredictor's logits, scores and
+    low-res logits at the original size."""
+    model, encoder, decoder = sessions
+    image = np.random.default_rng(3).integers(0, 256, size=(*ORIGINAL, 3), dtype=np.uint8)
+    point, box = np.array([[12.0, 30.0]]), None if multimask_output else np.array([3.0, 8.0, 25.0, 44.0])
+    predictor = SamPredictor(model)
+    predictor.set_image(image)
+    want = predictor.predict(point, np.array([1]), box, multimask_output=multimask_output, return_logits=True)
+
+    x = torch.as_tensor(image).permute(2, 0, 1)[None].float() / 255
+    resized = F.interpolate(x, (SIZE, SIZE), mode="bilinear", antialias=True) * 255
+    embed, feats_0, feats_1 = encoder.run(None, {"image": resized.numpy()})
+    corners = [] if box is None else list(model.transform_coords(box.reshape(2, 2), ORIGINAL))
+    coords = np.array([[*corners, *model.transform_coords(point, ORIGINAL), (0.0, 0.0)]], np.float32)
+    labels = np.array([([] if box is None else [2, 3]) + [1, -1]], np.float32)
+    masks, iou, low_res, _ = decoder.run(
+        None,
+        {
+            "image_embed": embed,
+            "high_res_feats_0": feats_0,
+            "high_res_feats_1": feats_1,
+            "point_coords": coords,
+            "point_labels": labels,
+            "mask_input": np.zeros((1, 1, SIZE // 4, SIZE // 4), np.float32),
+            "has_mask_input": np.zeros(1, np.float32),
+            "orig_im_size": np.array(ORIGINAL, np.float32),
+        },
+    )
+    chosen = [1, 2, 3] if multimask_output else [select_single_output(low_res, iou)]
+    for got, expected in zip((masks, iou, low_res), want, strict=True):
+        np.testing.assert_allclose(got[0, chosen], expected, atol=ATOL, rtol=0)
