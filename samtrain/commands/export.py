@@ -5,7 +5,8 @@
   video-memory key kept bit for bit, so ``build_sam2`` loads it strictly) when given;
 - ``safetensors``: the same tensors as safetensors;
 - ``onnx``: ``PATH`` a folder with ``encoder.onnx`` (image -> embeddings) and ``decoder.onnx``
-  (the official ONNX interface: prompt encoder + mask decoder), see :mod:`samtrain.inference.onnx`;
+  (the official ONNX interface: prompt encoder + mask decoder; SAM 2.1: the community SAM 2
+  interface, three feature levels, object scores), see :mod:`samtrain.inference.onnx`;
 - ``hf``: ``PATH`` a Hugging Face ``SamModel`` directory (config.json + model.safetensors).
 
 LoRA runs are written merged in every format.
@@ -53,11 +54,13 @@ def export(args: argparse.Namespace) -> Path:
         if out.suffix not in suffixes:
             raise ValueError(f"--format {args.format} writes a {' or '.join(suffixes)} file, got --out {out}")
         return export_sam_checkpoint(model, out, image_size=args.export_image_size, original=args.original)
-    if isinstance(model, Sam2):
-        raise ValueError(f"--format {args.format}: SAM 2.1 models export as official or safetensors only")
     if args.format == "onnx":
         export_onnx(model, out, opset=args.opset)  # needs the onnx extra
         return out
+    if isinstance(model, Sam2):
+        raise ValueError(
+            f"--format {args.format}: SAM 2.1 models export as official, safetensors or onnx only"
+        )
     return save_hf_directory(model, out)  # needs the hf extra
 
 
