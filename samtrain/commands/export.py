@@ -6,7 +6,8 @@
 - ``safetensors``: the same tensors as safetensors;
 - ``onnx``: ``PATH`` a folder with ``encoder.onnx`` (image -> embeddings) and ``decoder.onnx``
   (the official ONNX interface: prompt encoder + mask decoder), see :mod:`samtrain.inference.onnx`;
-- ``hf``: ``PATH`` a Hugging Face ``SamModel`` directory (config.json + model.safetensors).
+- ``hf``: ``PATH`` a Hugging Face ``SamModel`` directory (config.json + model.safetensors), a
+  ``Sam2Model`` one for SAM 2.1, see :mod:`samtrain.inference.hf`.
 
 LoRA runs are written merged in every format.
 """
@@ -53,8 +54,8 @@ def export(args: argparse.Namespace) -> Path:
         if out.suffix not in suffixes:
             raise ValueError(f"--format {args.format} writes a {' or '.join(suffixes)} file, got --out {out}")
         return export_sam_checkpoint(model, out, image_size=args.export_image_size, original=args.original)
-    if isinstance(model, Sam2):
-        raise ValueError(f"--format {args.format}: SAM 2.1 models export as official or safetensors only")
+    if isinstance(model, Sam2) and args.format == "onnx":
+        raise ValueError(f"--format {args.format}: SAM 2.1 models export as official, safetensors or hf only")
     if args.format == "onnx":
         export_onnx(model, out, opset=args.opset)  # needs the onnx extra
         return out
