@@ -7,7 +7,8 @@
 - ``onnx``: ``PATH`` a folder with ``encoder.onnx`` (image -> embeddings) and ``decoder.onnx``
   (the official ONNX interface: prompt encoder + mask decoder; SAM 2.1: the community SAM 2
   interface, three feature levels, object scores), see :mod:`samtrain.inference.onnx`;
-- ``hf``: ``PATH`` a Hugging Face ``SamModel`` directory (config.json + model.safetensors).
+- ``hf``: ``PATH`` a Hugging Face ``SamModel`` directory (config.json + model.safetensors), a
+  ``Sam2Model`` one for SAM 2.1, see :mod:`samtrain.inference.hf`.
 
 LoRA runs are written merged in every format.
 """
@@ -21,7 +22,7 @@ from pathlib import Path
 from samtrain.commands.loading import add_model_arguments, load_model
 from samtrain.inference.hf import save_hf_directory
 from samtrain.inference.onnx import export_onnx
-from samtrain.models import Sam2, export_sam_checkpoint
+from samtrain.models import export_sam_checkpoint
 
 FORMATS = ("official", "safetensors", "onnx", "hf")
 
@@ -57,10 +58,6 @@ def export(args: argparse.Namespace) -> Path:
     if args.format == "onnx":
         export_onnx(model, out, opset=args.opset)  # needs the onnx extra
         return out
-    if isinstance(model, Sam2):
-        raise ValueError(
-            f"--format {args.format}: SAM 2.1 models export as official, safetensors or onnx only"
-        )
     return save_hf_directory(model, out)  # needs the hf extra
 
 

@@ -19,7 +19,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "checkpoint",
         help="official sam_vit_*.pth or sam2.1_hiera_*.pt, a samtrain export (.pth/.safetensors), "
-        "a Lightning .ckpt, or a Hugging Face SamModel directory",
+        "a Lightning .ckpt, or a Hugging Face SamModel / Sam2Model directory",
     )
     parser.add_argument(
         "--variant",

@@ -5,9 +5,10 @@ from __future__ import annotations
 from samtrain.models.build import build_sam
 from samtrain.models.lora import LORA_SUFFIXES, merge_lora_state
 from samtrain.models.sam.model import Sam
+from samtrain.models.sam2.model import Sam2
 
 
-def merged_model(model: Sam) -> Sam:
+def merged_model(model: Sam | Sam2) -> Sam | Sam2:
     """``model`` itself when it has no LoRA layers; otherwise a plain copy with W + scale * B @ A
     folded into each adapted weight (on the CPU, in eval mode)."""
     state = model.state_dict()

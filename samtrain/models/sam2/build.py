@@ -70,8 +70,9 @@ def build_sam2(
     """A SAM 2.1 image model (sam2.1_hiera_t | s | b+ | l, or the nano sam2.1_hiera_n) at image_size.
 
     ``checkpoint``: an official ``sam2.1_hiera_*.pt`` (its video-memory keys are ignored and counted),
-    an export of samtrain or a Lightning checkpoint. The trunk's position embedding is interpolated
-    to the grid at run time, so weights of any image size load as they are.
+    an export of samtrain, a Lightning checkpoint or a Hugging Face Sam2Model directory. The trunk's
+    position embedding is interpolated to the grid at run time, so weights of any image size load as
+    they are.
     ``lora`` (``{rank, alpha, targets, dropout}``, see ``samtrain.models.lora.add_lora``) adds LoRA
     layers to the trunk's blocks after the weights are loaded and freezes the rest of the image
     encoder (trunk, neck, ``conv_s0``/``conv_s1``, ``no_mem_embed``).

@@ -98,8 +98,8 @@ def samtrain_to_official_sam2(state: dict[str, torch.Tensor]) -> dict[str, torch
 
 
 def load_sam2_checkpoint(model: nn.Module, path: str | Path, *, strict: bool = True) -> LoadReport:
-    """Load an official SAM 2 checkpoint (``sam2.1_hiera_*.pt``), a samtrain export or a Lightning
-    checkpoint into a samtrain Sam2. Video-memory keys are ignored and counted in the report.
+    """Load an official SAM 2 checkpoint (``sam2.1_hiera_*.pt``), a samtrain export, a Lightning
+    checkpoint or a Hugging Face Sam2Model directory into a samtrain Sam2. Video-memory keys are ignored and counted in the report.
 
     Raises ValueError when nothing matches, when shapes disagree (another variant), and (strict)
     when image keys are missing or unexpected; the error lists the keys.
