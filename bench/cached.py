@@ -13,7 +13,8 @@ decoder passes over K masks per image with mask feedback, loss, backward, AdamW)
 FLOPs (forward + backward) are counted by torch's FlopCounterMode on the meta device: exact and
 independent of the machine's load. Times (median of interleaved rounds after a warm-up step) are
 taken for the steps whose saved activations fit in 80% of the available memory. vit_b at 1024 px,
-one synthetic image (bench.common) with 1, 2 and 16 masks by default. Prints Markdown tables.
+one synthetic image (bench.common) with 1, 2 and 16 masks by default; ``--variant sam2.1_hiera_*``
+measures SAM 2.1, whose cache holds its three feature levels. Prints Markdown tables.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from bench.common import synthetic_batch, timed
 from samtrain.data.embedding_cache import CachedEmbeddingDataset, ensure_embedding_cache
 from samtrain.interactive.simulate import PromptRecipe
 from samtrain.lightning.sam_module import SamModule
-from samtrain.models import build_sam
+from samtrain.models import SAM2_VARIANTS, SAM_VARIANTS, build_sam
 
 STEPS = ("full", "frozen", "cached")
 
@@ -130,19 +131,19 @@ def _count(fn, *, backward: bool = True) -> tuple[float, float]:
 def meta_counts(variant: str, image_size: int, images: int, masks: int, passes: int) -> dict[str, float]:
     """GFLOPs of each step's parts and the saved activations (GB) of each step, traced on the meta
     device (nothing is computed). Encoder: forward + backward (full) or forward without a graph
-    (frozen). Decoder side: the image prepared once (``Sam.prepare_image``), then ``passes`` decoder
+    (frozen). Decoder side: the image prepared once (``prepare_image``), then ``passes`` decoder
     passes, each counted with 3 points and a mask prompt (a click pass), forward + backward; the
     same in all three steps. Saved bytes are an upper bound (a tensor saved twice counts twice)."""
     size, n = image_size, images * masks
     with torch.device("meta"):
         net = build_sam(variant, image_size=image_size)
         x = torch.zeros(images, 3, size, size)
-        enc_flops, enc_saved = _count(lambda: (net.image_encoder(x),))
+        enc_flops, enc_saved = _count(lambda: net.feature_levels(net.image_encoder(x)))
         with torch.no_grad():
-            frozen_flops, _ = _count(lambda: (net.image_encoder(x),), backward=False)
-        embeddings = torch.zeros(images, 256, size // 16, size // 16)
-        prep_flops, prep_saved = _count(lambda: net.prepare_image(embeddings).tensors())
-        image = net.prepare_image(embeddings)
+            frozen_flops, _ = _count(lambda: net.feature_levels(net.image_encoder(x)), backward=False)
+            features = net.image_encoder(x)
+        prep_flops, prep_saved = _count(lambda: net.prepare_image(features).tensors())
+        image = net.prepare_image(features)
         points = (torch.zeros(n, 3, 2), torch.ones(n, 3, dtype=torch.long))
         mask_inputs = torch.zeros(n, 1, size // 4, size // 4)
         indices = torch.arange(images).repeat_interleave(masks)
@@ -185,8 +186,10 @@ def measure(args, masks: int, steps: tuple[str, ...], folder: Path) -> dict:
     rest = {k: v for k, v in batch.items() if k != "image"}
 
     def cached_batch() -> dict:
-        embeddings = torch.stack([cache.feature_levels(i)[0] for i in range(len(cache))])
-        return {**rest, "image_embedding": embeddings}
+        embedding, *finer = (
+            torch.stack(level) for level in zip(*map(cache.feature_levels, range(len(cache))), strict=True)
+        )
+        return {**rest, "image_embedding": embedding, **({"high_res_features": finer} if finer else {})}
 
     makers = {
         "full": lambda: make_step(make_module(args.variant, args.image_size, ()), lambda: batch),
@@ -211,7 +214,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--variant", default="vit_b", choices=["vit_t", "vit_b", "vit_l", "vit_h"])
+    parser.add_argument("--variant", default="vit_b", choices=[*SAM_VARIANTS, *SAM2_VARIANTS])
     parser.add_argument("--image-size", type=int, default=1024)
     parser.add_argument("--images", type=int, default=1, help="images per batch")
     parser.add_argument("--masks", type=int, nargs="+", default=[1, 2, 16], help="masks per image (K)")

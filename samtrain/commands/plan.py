@@ -139,7 +139,8 @@ def read_setup(cfg: DictConfig, world_size: int | None = None) -> Setup:
     target = str(
         OmegaConf.select(cfg, "trainer.strategy._target_") or OmegaConf.select(cfg, "trainer.strategy") or ""
     )
-    strategy = "fsdp" if "FSDP" in target.upper() else "ddp" if "DDP" in target.upper() else "single"
+    sharded = any(name in target.upper() for name in ("FSDP", "MODELPARALLEL"))  # FSDP1, FSDP2
+    strategy = "fsdp" if sharded else "ddp" if "DDP" in target.upper() else "single"
     if world_size is None:
         devices, nodes = cfg.trainer.get("devices", 1), cfg.trainer.get("num_nodes", 1)
         world_size = int(devices) * int(nodes) if isinstance(devices, int) else 8

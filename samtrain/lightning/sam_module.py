@@ -24,7 +24,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.checkpoint import checkpoint
 from torch.utils.data import IterableDataset
 
-from samtrain.distributed import refuse_empty_batch_if_sharded, world_size
+from samtrain.distributed import is_sharded, refuse_empty_batch_if_sharded, world_size
 from samtrain.frame import valid_regions
 from samtrain.interactive.metrics import InteractiveMetrics
 from samtrain.interactive.per_pass_backward import PerPassBackward
@@ -33,6 +33,7 @@ from samtrain.interactive.protocols import cached_features, evaluate_batch
 from samtrain.interactive.simulate import Decode, LossWeights, PromptRecipe, Prompts, simulate_interaction
 from samtrain.lightning.fault_tolerance import load_pending_loader_state, zero_loss
 from samtrain.lightning.optim import sam_param_groups
+from samtrain.lightning.sharding import fully_shard_sam
 from samtrain.models.lora import has_lora
 from samtrain.models.sam.image_encoder import set_encoder_checkpointing
 from samtrain.models.sam.mask_decoder import DecoderImage
@@ -366,10 +367,11 @@ class SamModule(pl.LightningModule):
     def setup(self, stage: str) -> None:
         if not self.decoder_backward_per_pass:
             return
-        if isinstance(self.trainer.strategy, FSDPStrategy):
+        if is_sharded(self.trainer):
             raise ValueError(
-                "model.decoder_backward_per_pass does not work with FSDP (a backward pass inside the "
-                "forward would run FSDP's gradient hooks early); use model.decoder_checkpointing=true"
+                "model.decoder_backward_per_pass does not work with a sharded strategy "
+                f"({type(self.trainer.strategy).__name__}: a backward pass inside the forward would run "
+                "its gradient hooks early); use model.decoder_checkpointing=true"
             )
         if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
             raise ValueError(
@@ -379,8 +381,12 @@ class SamModule(pl.LightningModule):
             )
 
     def configure_model(self) -> None:
-        """Compile the encoder and decoder in place when ``compile`` is set (state-dict keys unchanged);
-        Lightning calls this before fitting, validating and testing, and a second call does nothing."""
+        """Under ``ModelParallelStrategy`` (``trainer=fsdp2``) shard the net with FSDP2
+        (:func:`samtrain.lightning.sharding.fully_shard_sam`); then compile the encoder and decoder in
+        place when ``compile`` is set (state-dict keys unchanged). Lightning calls this before fitting,
+        validating and testing, and a second call does nothing."""
+        if self.device_mesh is not None:
+            fully_shard_sam(self.net, self.device_mesh["data_parallel"])
         if self.compile_options is not None and not self.net.compiled:
             self.net.compile_parts(**self.compile_options)
 

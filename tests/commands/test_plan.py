@@ -143,9 +143,10 @@ def test_a_sam2_is_planned_in_every_mode_its_cache_holding_three_levels():
     assert cached.trainable_parameters < plain.trainable_parameters and cached.step_peak < plain.step_peak
 
 
-def test_a_sam2_under_fsdp_is_planned_per_device():
+@pytest.mark.parametrize("trainer", ["fsdp", "fsdp2"])
+def test_a_sam2_under_fsdp_is_planned_per_device(trainer):
     setup = plan.read_setup(
-        plan.compose_train_config(["model=sam2_hiera_n", "prompts=sam2", "trainer=fsdp", *TINY])
+        plan.compose_train_config(["model=sam2_hiera_n", "prompts=sam2", f"trainer={trainer}", *TINY])
     )
     assert (setup.strategy, setup.world_size) == ("fsdp", 8)
     (plain,) = [m for m in plan.MODES if m.name == "plain"]

@@ -1,5 +1,5 @@
-"""FSDP on the CPU: 2 gloo processes through Lightning's ModelParallelStrategy with FSDP2's
-``fully_shard`` (tests/fsdp_module.py) train what 1 process trains.
+"""FSDP on the CPU: 2 gloo processes through Lightning's ModelParallelStrategy (``trainer=fsdp2``,
+``SamModule.configure_model`` shards with FSDP2's ``fully_shard``) train what 1 process trains.
 
 Lightning's FSDPStrategy (FSDP1, conf/trainer/fsdp.yaml) refuses the CPU ("The strategy `fsdp`
 requires a GPU accelerator"), so it is not run here; see docs/distributed.md.
@@ -22,19 +22,23 @@ from tests.lightning.test_distributed import (
 pytestmark = pytest.mark.slow
 
 FSDP2 = (
-    "trainer=ddp_cpu",
-    "model._target_=tests.fsdp_module.FullyShardedSamModule",
-    "~trainer.strategy",
-    "+trainer.strategy={_target_: pytorch_lightning.strategies.ModelParallelStrategy, "
-    "data_parallel_size: 2, tensor_parallel_size: 1, save_distributed_checkpoint: false}",
+    "trainer=fsdp2",
+    "trainer.accelerator=cpu",
+    "trainer.devices=2",
+    "trainer.precision=32-true",
+    "+trainer.strategy.process_group_backend=gloo",
 )
 
 
-@pytest.mark.parametrize("model", [(), SAM2], ids=["sam", "sam2"])
-def test_two_process_fsdp2_equals_one_process_with_the_same_global_batch(tmp_path, model):
+@pytest.mark.parametrize(
+    ("model", "options"),
+    [((), ()), (SAM2, ("trainer.gradient_clip_val=0.1",))],
+    ids=["sam", "sam2_clipped"],
+)
+def test_two_process_fsdp2_equals_one_process_with_the_same_global_batch(tmp_path, model, options):
     single, sharded = tmp_path / "single", tmp_path / "fsdp"
-    train(single, *model, "trainer.max_steps=3", *save_weights(single))
-    train(sharded, *model, *FSDP2, "trainer.max_steps=3")
+    train(single, *model, *options, "trainer.max_steps=3", *save_weights(single))
+    train(sharded, *model, *options, *FSDP2, "trainer.max_steps=3")
     single_losses, sharded_losses = train_losses(single), train_losses(sharded)
     assert len(single_losses) == len(sharded_losses) == 3
     assert sharded_losses == pytest.approx(single_losses, abs=1e-5)

@@ -209,12 +209,13 @@ def test_compile_inductor_matches_plain(tiny_cfg, plain):
     assert_same_step((ref_loss, ref_grads), loss, grads, rtol=1e-3, atol=1e-5)
 
 
-def test_per_pass_backward_is_refused_under_fsdp(tiny_cfg):
+@pytest.mark.parametrize("strategy", ["FSDPStrategy", "ModelParallelStrategy"])
+def test_per_pass_backward_is_refused_under_fsdp(tiny_cfg, strategy):
     from types import SimpleNamespace
 
-    from pytorch_lightning.strategies import FSDPStrategy
+    import pytorch_lightning.strategies
 
     module = build_module(tiny_cfg("model.decoder_backward_per_pass=true"))
-    module._trainer = SimpleNamespace(strategy=FSDPStrategy())
-    with pytest.raises(ValueError, match="does not work with FSDP"):
+    module._trainer = SimpleNamespace(strategy=getattr(pytorch_lightning.strategies, strategy)())
+    with pytest.raises(ValueError, match=f"does not work with a sharded strategy \\({strategy}"):
         module.setup("fit")
