@@ -6,6 +6,7 @@ import contextlib
 import functools
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from types import ModuleType
 
 import torch
@@ -74,3 +75,16 @@ def timed(fn, repeats: int) -> float:
     for _ in range(repeats):
         fn()
     return (time.perf_counter() - start) / repeats
+
+
+def proc_status_bytes(field: str) -> int | None:
+    """``VmRSS`` (resident now) or ``VmHWM`` (peak resident) of this process in bytes, from
+    /proc/self/status (None where there is none). Not getrusage's ``ru_maxrss``: Linux carries the
+    parent's peak over into a child across fork and exec, while VmHWM starts afresh."""
+    status = Path("/proc/self/status")
+    if not status.exists():
+        return None
+    for line in status.read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
+    return None

@@ -21,6 +21,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from bench.common import proc_status_bytes
+
 H, W, OBJECTS = 480, 640, 20
 CASES = ("coco", "yolo", "labelme", "cvat", "voc", "volume", "coco_crops_4000x3000")
 
@@ -185,12 +187,9 @@ def build(case: str, root: Path):
 
 
 def rss_mb(field: str = "VmHWM") -> float:
-    """This process's peak (VmHWM) or current (VmRSS) resident set in MB. Not ``ru_maxrss``: Linux
-    carries that over from the parent across fork and exec."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak (VmHWM) or current (VmRSS) resident set in MB (``proc_status_bytes``)."""
+    value = proc_status_bytes(field)
+    return value / 2**20 if value is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_case(case: str, root: Path, samples: int, rounds: int) -> dict:

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import synthetic_batch
+from bench.common import proc_status_bytes, synthetic_batch
 from samtrain.interactive.simulate import PromptRecipe
 from samtrain.lightning.memory_plan import StoragePeak, plan_step, storage_bytes
 from samtrain.lightning.sam_module import SamModule
@@ -82,16 +82,6 @@ def resident_bytes(module: torch.nn.Module, optimizer: torch.optim.Optimizer) ->
     tensors = [*module.parameters(), *module.buffers(), *(p.grad for p in module.parameters())]
     tensors += [v for state in optimizer.state.values() for v in state.values()]
     return storage_bytes(tensors)
-
-
-def proc_status_kib(field: str) -> int | None:
-    status = Path("/proc/self/status")
-    if not status.exists():
-        return None
-    for line in status.read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return None
 
 
 def reset_peak_rss() -> bool:
@@ -183,13 +173,13 @@ def measure_memory(args: argparse.Namespace, mode: str) -> dict:
         torch.cuda.reset_peak_memory_stats()
         step()
         result["cuda_peak"] = torch.cuda.max_memory_allocated()
-    rss_start = proc_status_kib("VmRSS")
+    rss_start = proc_status_bytes("VmRSS")
     rss_ok = reset_peak_rss() and rss_start is not None
     with StoragePeak() as tracker:
         step()
     result["step_peak"] = tracker.peak
     if rss_ok:
-        result["rss_peak_over_start"] = (proc_status_kib("VmHWM") - rss_start) * 1024
+        result["rss_peak_over_start"] = proc_status_bytes("VmHWM") - rss_start
     return result
 
 

@@ -44,7 +44,7 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 import samtrain.interactive.simulate as simulate
-from bench.common import FunctionClock, synthetic_batch
+from bench.common import FunctionClock, proc_status_bytes, synthetic_batch
 from bench.mae import time_steps
 from bench.run import SAMPLERS
 from samtrain.frame import valid_regions
@@ -427,15 +427,6 @@ def matmul_kernel_profile(runner: StepRunner) -> tuple[float, int]:
     kernels = [e for e in prof.key_averages() if e.key in MATMUL_OPS or e.key.startswith(MATMUL_OP_PREFIXES)]
     micros = sum(e.self_device_time_total if cuda else e.self_cpu_time_total for e in kernels)
     return micros / 1e6, sum(e.count for e in kernels)
-
-
-def proc_status_bytes(field: str) -> int:
-    """VmRSS (resident now) or VmHWM (peak resident) of this process, from /proc/self/status. Unlike
-    getrusage's ru_maxrss, VmHWM starts afresh in a spawned process (ru_maxrss keeps the parent's)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def memory_and_flops(runner: StepRunner) -> dict:

@@ -109,12 +109,14 @@ def test_smaller_shapes_and_byte_sizes():
     assert plan.parse_bytes("512MiB") == 512 * 2**20
 
 
-# Runs `samtrain plan ARGS`, then writes the process's peak RSS (bytes) as the last line of stderr.
+# Runs `samtrain plan ARGS`, then writes the process's own peak RSS (VmHWM, bytes) as the last line
+# of stderr.
 PLAN_AND_REPORT_RSS = """
-import resource, sys
+import sys
+from bench.common import proc_status_bytes
 from samtrain.commands import cli
 code = cli.main(["plan", *sys.argv[1:]])
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, file=sys.stderr)
+print(proc_status_bytes("VmHWM"), file=sys.stderr)
 sys.exit(code)
 """
 
