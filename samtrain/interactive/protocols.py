@@ -271,7 +271,6 @@ def trace_interaction(
     }
 
 
-@torch.no_grad()
 def cached_features(model: Any, batch: dict) -> Any:
     """The image features of a batch read from an embedding cache: its ``"image_embedding"``
     (B, C, S/16, S/16) and any ``"high_res_features"`` (SAM 2.1's finer levels) through the model's
@@ -279,6 +278,7 @@ def cached_features(model: Any, batch: dict) -> Any:
     return model.features_from_levels([batch["image_embedding"], *batch.get("high_res_features", ())])
 
 
+@torch.no_grad()
 def evaluate_batch(
     model: Any, batch: dict[str, torch.Tensor], *, max_clicks: int = 20
 ) -> dict[str, torch.Tensor]:

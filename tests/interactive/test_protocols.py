@@ -221,6 +221,20 @@ def tiny_batch():
     return model, batch
 
 
+def test_evaluation_builds_no_graph(tiny_batch):
+    """Called outside ``torch.no_grad`` (a script, not Lightning's validation loop), the protocols
+    run without a graph: nothing keeps the encoder's or the decoder's activations."""
+    model, batch = tiny_batch
+    encoded = []
+    hook = model.image_encoder.register_forward_hook(lambda _module, _inputs, out: encoded.append(out))
+    try:
+        out = evaluate_batch(model, batch, max_clicks=2)
+    finally:
+        hook.remove()
+    assert len(encoded) == 1 and not encoded[0].requires_grad
+    assert not any(v.requires_grad for v in out.values())
+
+
 def test_tiny_model_shapes_and_ranges(tiny_batch):
     model, batch = tiny_batch
     out = evaluate_batch(model, batch, max_clicks=4)
