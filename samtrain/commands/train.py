@@ -22,6 +22,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from samtrain.lightning.callbacks import log_wandb_artifact, wandb_run_id
 from samtrain.lightning.checkpoint_io import AtomicCheckpointIO, remove_partial_checkpoints
 from samtrain.lightning.fault_tolerance import PreemptionCheckpoint
+from samtrain.lightning.sharding import gathered_state
 from samtrain.models import export_sam_checkpoint
 
 log = logging.getLogger(__name__)
@@ -178,8 +179,9 @@ def run_training(cfg: DictConfig, datamodule, module, trainer: pl.Trainer) -> di
         return scalar_metrics(trainer.callback_metrics)
 
     results["after"] = validation_metrics(trainer, module, datamodule)
+    state = gathered_state(module.net) if cfg.get("export") else None  # every rank: a collective
     if trainer.is_global_zero:
-        write_outputs(cfg, module, trainer, results, output_dir)
+        write_outputs(cfg, module, trainer, results, output_dir, state=state)
     return results["after"]
 
 
@@ -230,13 +232,22 @@ def write_metrics_json(output_dir: Path, results: dict) -> Path:
     return path
 
 
-def write_outputs(cfg: DictConfig, module, trainer: pl.Trainer, results: dict, output_dir: Path) -> None:
-    """metrics.json, the official-format export, and a summary of where everything is."""
+def write_outputs(
+    cfg: DictConfig,
+    module,
+    trainer: pl.Trainer,
+    results: dict,
+    output_dir: Path,
+    *,
+    state: dict | None = None,
+) -> None:
+    """metrics.json, the official-format export (of ``state``, the gathered weights of a sharded
+    net, when given), and a summary of where everything is."""
     write_metrics_json(output_dir, results)
     lines = [f"Run directory: {output_dir}", f"Metrics: {output_dir / 'metrics.json'}"]
     if cfg.get("export"):
         path = export_sam_checkpoint(
-            module.net, output_dir / "official.pth", image_size=cfg.get("export_image_size")
+            module.net, output_dir / "official.pth", image_size=cfg.get("export_image_size"), state=state
         )
         log_wandb_artifact(trainer.loggers, path, name="sam-official", aliases=["official"])
         lines.append(f"Official-format SAM checkpoint: {path}")

@@ -10,12 +10,13 @@ import torch
 from torch import nn
 
 from samtrain.models.checkpoint import (
+    exportable_state,
     load_sam_checkpoint,
     resample_position_tensors,
     samtrain_to_official,
     write_state_dict,
 )
-from samtrain.models.lora import add_lora, merge_lora_state
+from samtrain.models.lora import add_lora
 from samtrain.models.mae_transfer import init_encoder_from_mae
 from samtrain.models.sam.image_encoder import ENCODER_SPECS, PATCH_SIZE, build_image_encoder
 from samtrain.models.sam.mask_decoder import MaskDecoder
@@ -92,7 +93,12 @@ def build_sam(
 
 
 def export_sam_checkpoint(
-    model: nn.Module, path: str | Path, *, image_size: int | None = None, original: str | Path | None = None
+    model: nn.Module,
+    path: str | Path,
+    *,
+    image_size: int | None = None,
+    original: str | Path | None = None,
+    state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write the model's weights in the official SAM layout; safetensors when the suffix says so.
     LoRA layers are written merged into their base weights (the model itself is left as it is).
@@ -102,14 +108,17 @@ def export_sam_checkpoint(
     image_size: the input size the file is made for, its position embedding and relative position
     tables resampled to it (None: the model's own). The official ``sam_model_registry`` builds at
     1024 px, so a model trained at another size loads there strictly with ``image_size=1024``.
+
+    state: the weights to write when they are not ``model.state_dict()``: a sharded (FSDP2) model's
+    full state, gathered on every rank (``samtrain.lightning.sharding.gathered_state``).
     """
     if isinstance(model, Sam2):
         if image_size not in (None, model.image_size):
             raise ValueError(f"export at image_size={image_size}: a SAM 2.1 model exports at its own size")
-        return export_sam2_checkpoint(model, path, original=original)
+        return export_sam2_checkpoint(model, path, original=original, state=state)
     if original is not None:
         raise ValueError("original= applies to SAM 2 models only: a SAM checkpoint has no parts a Sam lacks")
-    state = merge_lora_state({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
+    state = exportable_state(model, state)
     if image_size is not None and image_size != model.image_size:
         if getattr(model, "variant", None) is None:
             raise ValueError(

@@ -217,6 +217,22 @@ def load_matching_tensors(
     return report
 
 
+def exportable_state(
+    model: nn.Module, state: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """``state`` (default ``model.state_dict()``) detached, contiguous, on the CPU, LoRA merged.
+    ValueError for a sharded model's own state (FSDP2 DTensors hold one rank's shard): pass its full
+    state, gathered on every rank (``samtrain.lightning.sharding.gathered_state``)."""
+    state = model.state_dict() if state is None else state
+    sharded = [k for k, v in state.items() if type(v).__name__ == "DTensor"]
+    if sharded:
+        raise ValueError(
+            f"the model is sharded ({sharded[0]} and {len(sharded) - 1} more are DTensors, one rank's "
+            "shard each): export its full state, gathered on every rank (state=...)"
+        )
+    return merge_lora_state({k: v.detach().cpu().contiguous() for k, v in state.items()})
+
+
 def write_state_dict(
     state: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
 ) -> Path:

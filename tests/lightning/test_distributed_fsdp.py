@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from samtrain.models import build_sam
 from tests.lightning.test_distributed import (
     SAM2,
     assert_same_weights,
@@ -46,3 +47,14 @@ def test_two_process_fsdp2_equals_one_process_with_the_same_global_batch(tmp_pat
     checkpoint = torch.load(sharded / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == 3
     assert_same_weights(checkpoint["state_dict"], weights(single), atol=1e-4)
+
+
+def test_the_fsdp2_run_exports_its_gathered_weights(tmp_path):
+    """official.pth is written from the full state every rank gathers, not rank zero's shards:
+    build_sam loads it strictly and it holds the trained weights."""
+    sharded = tmp_path / "fsdp"
+    train(sharded, *FSDP2, "trainer.max_steps=2", "export=true")
+    checkpoint = torch.load(sharded / "checkpoints" / "last.ckpt", weights_only=True)
+    trained = {k.removeprefix("net."): v for k, v in checkpoint["state_dict"].items()}
+    exported = build_sam("vit_t", image_size=64, checkpoint=sharded / "official.pth").state_dict()
+    assert_same_weights(exported, {k: trained[k] for k in exported})

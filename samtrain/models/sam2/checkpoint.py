@@ -16,6 +16,7 @@ from torch import nn
 
 from samtrain.models.checkpoint import (
     LoadReport,
+    exportable_state,
     load_matching_tensors,
     read_checkpoint_state,
     unreadable_reason,
@@ -132,16 +133,22 @@ def _read_original(path: str | Path) -> dict:
     return content
 
 
-def export_sam2_checkpoint(model: nn.Module, path: str | Path, *, original: str | Path | None = None) -> Path:
+def export_sam2_checkpoint(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    original: str | Path | None = None,
+    state: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """Write a Sam2's weights in the official SAM 2 layout (LoRA merged; the model is left as it is).
 
     original: an official checkpoint (``sam2.1_hiera_*.pt``): the file written is it with the image
     parts replaced, every other key (video memory) and every other top-level entry kept bit for bit,
     so the official ``build_sam2`` loads it strictly and video inference still runs. Without one the
     file holds ``{"model": image parts}`` (a ``.safetensors`` path: the flat image state dict).
+    state: the weights to write when they are not ``model.state_dict()`` (:func:`exportable_state`).
     """
-    state = merge_lora_state({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
-    image = samtrain_to_official_sam2(state)
+    image = samtrain_to_official_sam2(exportable_state(model, state))
     if original is None:
         if Path(path).suffix == ".safetensors":
             return write_state_dict(image, path)
