@@ -285,8 +285,11 @@ def smaller_shapes(shape: Shape, min_masks: int = 8) -> list[Shape]:
 
 def allowed(setup: Setup, mode: Mode) -> bool:
     """Whether SamModule accepts the mode under the configured run: per-pass backward works neither
-    with FSDP nor with fp16 mixed precision (its gradients would bypass the scaler)."""
+    with FSDP nor with fp16 mixed precision (its gradients would bypass the scaler); cached
+    embeddings do not run under FSDP (they train the decoder side only, which needs no sharding)."""
     per_pass = mode.switches.get("decoder_backward_per_pass", False)
+    if mode.cached_embeddings and setup.strategy == "fsdp":
+        return False
     return not (per_pass and (setup.strategy == "fsdp" or setup.precision == "16-mixed"))
 
 

@@ -432,6 +432,9 @@ class _Writer:
             )
         for name in (*map(level_file, range(len(shapes))), MASKS, INDEX):
             os.replace(self.folder / temporary(name), self.folder / name)
+        for stale in self.folder.glob("embeddings.*.npy"):  # an earlier build's finer levels
+            if stale.name not in map(level_file, range(len(shapes))):
+                stale.unlink()
         return {
             "embedding_shapes": shapes,
             "num_masks": len(self.rle_lengths),
@@ -584,6 +587,9 @@ def read_manifest(folder: Path) -> tuple[dict | None, str | None]:
         return None, f"no manifest {path} (never built, or an earlier build was interrupted)"
     try:
         manifest = json.loads(path.read_text())
+        built = manifest.get("components", {}).get("format")
+        if built != CACHE_FORMAT:
+            return None, f"written in cache format {built}, this samtrain reads format {CACHE_FORMAT}"
         shapes = manifest.get("embedding_shapes") or []
         levels = [
             np.load(folder / level_file(i), mmap_mode="r", allow_pickle=False) for i in range(len(shapes))
@@ -592,7 +598,7 @@ def read_manifest(folder: Path) -> tuple[dict | None, str | None]:
         with np.load(folder / INDEX, allow_pickle=False) as index:
             rle_total = int(index["rle_start"][-1])
             items = len(index["ok"])
-    except (OSError, ValueError, KeyError, UnicodeDecodeError) as err:
+    except (OSError, ValueError, KeyError, AttributeError, UnicodeDecodeError) as err:
         return None, f"a cache file is missing or unreadable: {err}"
     if (
         not levels
@@ -740,6 +746,12 @@ class CachedEmbeddingDataset(Dataset):
         if not manifest_path.is_file():
             raise FileNotFoundError(f"embedding cache {self.folder} has no {MANIFEST}; build it first")
         self.manifest = json.loads(manifest_path.read_text())
+        built = self.manifest.get("components", {}).get("format")
+        if built != CACHE_FORMAT:
+            raise ValueError(
+                f"embedding cache {self.folder} is in format {built}, this samtrain reads format "
+                f"{CACHE_FORMAT}: rebuild it (ensure_embedding_cache, or a training run, does)"
+            )
         self.image_size = int(self.manifest["components"]["image_size"])
         self._arrays: tuple | None = None
         self._pid: int | None = None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import pickle
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from samtrain.data.embedding_cache import CachedEmbeddingDataset, ensure_embeddi
 from samtrain.data.errors import SampleError, SkipBadSamples
 from samtrain.interactive.protocols import evaluate_batch
 from samtrain.interactive.simulate import PromptRecipe
-from samtrain.lightning.callbacks.embedding_cache import check_frozen_encoder
+from samtrain.lightning.callbacks.embedding_cache import EmbeddingCache, check_frozen_encoder
 from samtrain.lightning.sam_module import SamModule
 from samtrain.models import build_sam
 from tests.conftest import ROOT
@@ -219,6 +220,17 @@ def test_refuses_augmentation_and_a_trainable_encoder(tmp_path):
         check_frozen_encoder(net)
 
 
+@pytest.mark.parametrize("strategy", ["FSDPStrategy", "ModelParallelStrategy"])
+def test_refuses_a_sharded_strategy(tmp_path, strategy):
+    """A sharded encoder cannot be fingerprinted or run on rank zero alone; the decoder side that
+    cached mode trains needs no sharding."""
+    import pytorch_lightning.strategies
+
+    trainer = SimpleNamespace(strategy=getattr(pytorch_lightning.strategies, strategy)())
+    with pytest.raises(ValueError, match=f"do not run under {strategy}.*trainer=ddp"):
+        EmbeddingCache(dir=tmp_path).setup(trainer, SimpleNamespace(net=tiny_net()), "fit")
+
+
 @pytest.mark.parametrize(
     "experiment",
     [
@@ -318,3 +330,26 @@ def test_a_sam2_cache_missing_a_level_is_rebuilt(tmp_path):
     (folder / "embeddings.2.npy").unlink()
     cached(dataset, net, folder)
     assert calls.count == 8 and (folder / "embeddings.2.npy").is_file()
+
+
+def test_a_cache_of_an_older_format_is_rebuilt_and_named_so(tmp_path, caplog):
+    net, dataset, folder = tiny_net(), sample_dataset(), tmp_path / "c"
+    cached(dataset, net, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["components"]["format"] = 2
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="format 2, this samtrain reads format 3"):
+        CachedEmbeddingDataset(folder)
+    caplog.set_level("WARNING", logger="samtrain.data.embedding_cache")
+    cached(dataset, net, folder)
+    assert "written in cache format 2" in caplog.text
+
+
+def test_a_sam2_cache_rebuilt_for_a_sam_leaves_no_finer_levels(tmp_path, sam2_cache):
+    net, dataset, _ = sam2_cache
+    folder = tmp_path / "c"
+    cached(dataset, net, folder)
+    assert (folder / "embeddings.2.npy").is_file()
+    cache = cached(sample_dataset(), tiny_net(), folder)
+    assert len(cache.manifest["embedding_shapes"]) == 1
+    assert sorted(p.name for p in folder.glob("embeddings*.npy")) == ["embeddings.npy"]

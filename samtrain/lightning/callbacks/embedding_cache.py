@@ -20,6 +20,7 @@ from samtrain.data.embedding_cache import (
     encoder_fingerprint,
     ensure_embedding_cache,
 )
+from samtrain.distributed import is_sharded
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ class EmbeddingCache(pl.Callback):
 
     Args:
         dir: the cache root; one sub-folder per split.
-        dtype: "float16" (2 MiB per image at 1024 px) or "float32".
+        dtype: "float16" (at 1024 px 2 MiB per image, SAM 2.1's three levels 8 MiB) or "float32".
         batch_size: images per encoder call while building.
         num_workers: DataLoader workers reading images while building.
     """
@@ -115,6 +116,11 @@ class EmbeddingCache(pl.Callback):
             )
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if is_sharded(trainer):
+            raise ValueError(
+                f"cached embeddings do not run under {type(trainer.strategy).__name__}: they train the "
+                "prompt encoder and mask decoder only, which need no sharding; use trainer=ddp"
+            )
         self.attach(trainer, pl_module.net)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
