@@ -32,8 +32,11 @@ install-dev: $(VENV)/.installed-dev
 train: $(VENV)/.installed
 	$(PY) train.py experiment=sample_cpu $(ARGS)
 
+# Two pytest-xdist workers, a test file each at a time (TEST_WORKERS=0: one process, no workers).
+TEST_WORKERS ?= 2
+
 test: $(VENV)/.installed-dev
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check .

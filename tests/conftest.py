@@ -35,7 +35,17 @@ TINY = (
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# make test runs the suite in parallel workers (pytest-xdist): each takes its share of the cores.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, len(os.sched_getaffinity(0)) // WORKERS)))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The files holding a test marked slow first, each file's tests together and in their order,
+    so that parallel workers (one file at a time each) finish together instead of one running a
+    long file alone at the end."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)
 
 
 def compose_config(output_dir: Path, *overrides: str, config_name: str = "train") -> DictConfig:

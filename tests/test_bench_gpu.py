@@ -16,6 +16,7 @@ import pytest
 from tests.conftest import ROOT
 
 pytest.importorskip("segment_anything")
+pytestmark = pytest.mark.slow
 
 
 def row_values(text: str, row: str) -> list[float]:

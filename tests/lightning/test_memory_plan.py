@@ -23,6 +23,7 @@ def measured_and_planned(argv: list[str]) -> tuple[dict, dict]:
     return measured, {mode: memory.plan_memory(args, mode) for mode in args.modes}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "argv",
     [
