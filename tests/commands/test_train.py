@@ -77,7 +77,7 @@ def test_short_run_writes_metrics_checkpoints_and_export(short_run):
 def test_export_image_size_reaches_the_export(tmp_path, monkeypatch):
     sizes = []
 
-    def export(net, path, *, image_size=None):
+    def export(net, path, *, image_size=None, state=None):
         sizes.append(image_size)
         return path
 
