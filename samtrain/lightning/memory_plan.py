@@ -42,9 +42,7 @@ PRECISIONS: dict[str, tuple[torch.dtype | None, torch.dtype]] = {
     "32": (None, torch.float32),
     "bf16-mixed": (torch.bfloat16, torch.float32),
     "16-mixed": (torch.float16, torch.float32),
-    "bf16-true": (None, torch.bfloat16),
-    "16-true": (None, torch.float16),
-}
+}  # SamModule refuses half-precision weights (bf16-true, 16-true)
 PRIM_DEVICE = torch.ops.prim.device.default
 ENCODER_BLOCKS = (  # conf/trainer/fsdp.yaml wraps each of these as one FSDP unit
     "timm.models.vision_transformer_sam.Block",  # SAM
@@ -342,7 +340,9 @@ def fake_step(
 def precision_dtypes(precision: str | int) -> tuple[torch.dtype | None, torch.dtype]:
     key = str(precision)
     if key not in PRECISIONS:
-        raise ValueError(f"trainer.precision={precision!r}: the planner knows {sorted(PRECISIONS)}")
+        raise ValueError(
+            f"trainer.precision={precision!r}: samtrain trains (and the planner plans) {sorted(PRECISIONS)}"
+        )
     return PRECISIONS[key]
 
 

@@ -54,6 +54,9 @@ VAL_RUNS_KEY = "samtrain_val_runs"  # checkpoint entry: the validation runs of t
 VAL_METRIC_PREFIX = "resized_"
 
 
+HALF_WEIGHTS = ("bf16-true", "16-true")  # Lightning's precisions that cast the weights to half
+
+
 class SamModule(pl.LightningModule):
     """Trains a Sam with simulated interactive prompts.
 
@@ -365,6 +368,13 @@ class SamModule(pl.LightningModule):
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def setup(self, stage: str) -> None:
+        precision = str(getattr(self.trainer, "precision", "32-true"))
+        if precision in HALF_WEIGHTS:
+            raise ValueError(
+                f"trainer.precision={precision}: samtrain trains float32 weights, in 32-true or mixed "
+                "precision (bf16-mixed, 16-mixed); half-precision weights would need the sampled "
+                "prompts and the losses in half precision too"
+            )
         if not self.decoder_backward_per_pass:
             return
         if is_sharded(self.trainer):

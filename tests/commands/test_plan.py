@@ -157,3 +157,9 @@ def test_a_sam2_under_fsdp_is_planned_per_device(trainer):
     assert memory.gathered_units > 0 and plan.device_peak(setup, memory) < memory.peak
     refused = [m for m in plan.MODES if m.switches.get("decoder_backward_per_pass") or m.cached_embeddings]
     assert refused and not any(plan.allowed(setup, m) for m in refused)
+
+
+def test_half_precision_weights_are_refused_by_name():
+    setup = plan.read_setup(plan.compose_train_config(["trainer.precision=bf16-true", *TINY]))
+    with pytest.raises(ValueError, match=r"'bf16-true': samtrain trains \(and the planner plans\)"):
+        plan.plan_mode(setup, plan.MODES[0])

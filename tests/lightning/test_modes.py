@@ -219,3 +219,15 @@ def test_per_pass_backward_is_refused_under_fsdp(tiny_cfg, strategy):
     module._trainer = SimpleNamespace(strategy=getattr(pytorch_lightning.strategies, strategy)())
     with pytest.raises(ValueError, match=f"does not work with a sharded strategy \\({strategy}"):
         module.setup("fit")
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "16-true"])
+def test_half_precision_weights_are_refused(tiny_cfg, precision):
+    from types import SimpleNamespace
+
+    from pytorch_lightning.strategies import SingleDeviceStrategy
+
+    module = build_module(tiny_cfg())
+    module._trainer = SimpleNamespace(strategy=SingleDeviceStrategy("cpu"), precision=precision)
+    with pytest.raises(ValueError, match=f"trainer.precision={precision}: samtrain trains float32 weights"):
+        module.setup("fit")
