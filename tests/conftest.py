@@ -35,9 +35,11 @@ TINY = (
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
-# make test runs the suite in parallel workers (pytest-xdist): each takes its share of the cores.
+# make test runs the suite in parallel workers (pytest-xdist): each takes its share of the cores
+# (on Linux the cores this process may use, which cgroups and affinity can limit).
 WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-torch.set_num_threads(max(1, min(2, len(os.sched_getaffinity(0)) // WORKERS)))
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+torch.set_num_threads(max(1, min(2, CORES // WORKERS)))
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
