@@ -17,7 +17,6 @@ from torch.optim.lr_scheduler import LambdaLR
 from samtrain.commands.pretrain_mae import save_mae_encoder
 from samtrain.data import SamDataModule
 from samtrain.interactive.simulate import PromptRecipe
-from samtrain.lightning.memory_plan import ENCODER_BLOCKS
 from samtrain.lightning.sam_module import SamModule
 from samtrain.models import build_sam
 from samtrain.models.mae import build_mae
@@ -140,7 +139,10 @@ def test_fsdp_wraps_each_encoder_block_of_either_family(tiny_cfg):
     strategy = hydra.utils.instantiate(tiny_cfg("trainer=fsdp").trainer.strategy)
     assert isinstance(strategy, FSDPStrategy)
     classes = strategy.kwargs["auto_wrap_policy"]._module_classes
-    assert {f"{c.__module__}.{c.__qualname__}" for c in classes} == set(ENCODER_BLOCKS)
+    assert {f"{c.__module__}.{c.__qualname__}" for c in classes} == {
+        "timm.models.vision_transformer_sam.Block",
+        "timm.models.hieradet_sam2.MultiScaleBlock",
+    }
     for variant in ("vit_t", "sam2.1_hiera_n"):
         blocks = build_sam(variant, image_size=64).image_encoder.blocks
         assert all(type(block) in classes for block in blocks), variant

@@ -44,10 +44,6 @@ PRECISIONS: dict[str, tuple[torch.dtype | None, torch.dtype]] = {
     "16-mixed": (torch.float16, torch.float32),
 }  # SamModule refuses half-precision weights (bf16-true, 16-true)
 PRIM_DEVICE = torch.ops.prim.device.default
-ENCODER_BLOCKS = (  # conf/trainer/fsdp.yaml wraps each of these as one FSDP unit
-    "timm.models.vision_transformer_sam.Block",  # SAM
-    "timm.models.hieradet_sam2.MultiScaleBlock",  # SAM 2.1
-)
 
 
 @dataclass
@@ -289,10 +285,10 @@ def measure_step(
 
 def gathered_unit_bytes(module: SamModule) -> int:
     """FSDP's unsharded bytes at a time: the root unit (parameters outside the encoder blocks), two
-    blocks' parameters (running and prefetched) and one block's gradients."""
-    blocks = [
-        m for m in module.net.modules() if f"{type(m).__module__}.{type(m).__qualname__}" in ENCODER_BLOCKS
-    ]
+    blocks' parameters (running and prefetched) and one block's gradients. The units are the image
+    encoder's ``blocks`` (SAM's ViT blocks, SAM 2.1's Hiera blocks), as conf/trainer/fsdp.yaml wraps
+    them and :func:`samtrain.lightning.sharding.fully_shard_sam` shards them."""
+    blocks = list(module.net.image_encoder.blocks)
     in_blocks = {id(p) for b in blocks for p in b.parameters()}
     root = storage_bytes([p for p in module.net.parameters() if id(p) not in in_blocks])
     block = max((storage_bytes(list(b.parameters())) for b in blocks), default=0)
